@@ -1,0 +1,17 @@
+"""Errors a user can act on. Each message names the file, tensor or field at fault."""
+
+
+class MoetierError(Exception):
+    """Base class for errors raised by moetier."""
+
+
+class ConfigError(MoetierError, ValueError):
+    """A model folder's config.json is missing, malformed or unsupported."""
+
+
+class CheckpointError(MoetierError, ValueError):
+    """A weight file is missing, truncated or holds a tensor of the wrong shape."""
+
+
+class RequestError(MoetierError, ValueError):
+    """A request cannot be served as given (e.g. the prompt is longer than the context)."""

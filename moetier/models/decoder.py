@@ -1,0 +1,70 @@
+"""The decoder stack every family shares; families supply attention and MLP per layer.
+
+Parameter names follow the Hugging Face checkpoints (``model.layers.N.self_attn...``)
+so that a family's weight map only lists what differs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..runtime.batch import ForwardBatch
+from .args import BaseModelArgs
+from .layers import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then MLP or sparse MoE."""
+
+    def __init__(self, args: BaseModelArgs, attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, args: BaseModelArgs, layers: list[DecoderLayer]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head.
+
+    ``forward`` takes the flat token ids of a step (``[T]``) and returns logits
+    only for the rows asked for (by default each sequence's last token).
+    """
+
+    def __init__(self, args: BaseModelArgs, make_layer: Callable[[int], DecoderLayer]):
+        super().__init__()
+        self.args = args
+        self.model = DecoderModel(args, [make_layer(i) for i in range(args.num_hidden_layers)])
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, batch: ForwardBatch, logits_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids ``[T]`` -> logits ``[rows, vocab]`` in float32."""
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        for layer in self.model.layers:
+            x = layer(x, batch)
+        if logits_rows is None:
+            logits_rows = batch.last_token_indices()
+        x = self.model.norm(x[logits_rows.to(x.device)])
+        return self.lm_head(x).float()

@@ -1,0 +1,215 @@
+"""Building blocks shared by the families: RMSNorm, rotary embeddings, attention.
+
+Shapes: ``T`` tokens of a step (all sequences concatenated), ``H`` hidden size,
+``h`` heads, ``d`` head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..runtime.batch import ForwardBatch
+from .args import BaseModelArgs, RopeArgs
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32, as transformers does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def _yarn_inv_freq(rope: RopeArgs, dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, keep high ones (arXiv 2309.00071)."""
+    p = rope.params
+    base = rope.theta
+    factor = p.get("factor")
+    orig = p.get("original_max_position_embeddings") or max_pos
+    if factor is None:
+        factor = max_pos / orig
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn_factor = p.get("attention_factor")
+    if attn_factor is None:
+        ms, ms_all = p.get("mscale"), p.get("mscale_all_dim")
+        attn_factor = mscale(factor, ms) / mscale(factor, ms_all) if ms and ms_all else mscale(factor)
+    beta_fast = p.get("beta_fast") or 32
+    beta_slow = p.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    extrap_weight = 1 - ramp
+    inv_freq = interpolation * (1 - extrap_weight) + extrapolation * extrap_weight
+    return inv_freq, float(attn_factor)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding with a lazily grown cos/sin table.
+
+    ``interleaved`` rotates adjacent pairs (DeepSeek-V3 ``rope_interleave``)
+    instead of the two halves of the head.
+    """
+
+    def __init__(self, dim: int, rope: RopeArgs, max_pos: int, interleaved: bool = False):
+        super().__init__()
+        self.dim = dim
+        self.rope = rope
+        self.max_pos = max_pos
+        self.interleaved = interleaved
+        self._cos = self._sin = None  # [pos, d] float32, built on first use (the model is built on meta)
+
+    def _table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos is None or self._cos.shape[0] < n or self._cos.device != torch.device(device):
+            size = max(n, 2 * (self._cos.shape[0] if self._cos is not None else 256))
+            if self.rope.kind == "yarn":
+                inv_freq, scale = _yarn_inv_freq(self.rope, self.dim, self.max_pos)
+            else:
+                idx = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float()
+                inv_freq, scale = 1.0 / (self.rope.theta ** (idx / self.dim)), 1.0
+                if self.rope.kind == "linear":
+                    inv_freq = inv_freq / self.rope.factor
+            t = torch.arange(size, dtype=torch.float32, device="cpu")
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos = (emb.cos() * scale).to(device)
+            self._sin = (emb.sin() * scale).to(device)
+        return self._cos, self._sin
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` ``[T, h, d]`` by the angles of ``positions`` ``[T]``."""
+        cos, sin = self._table(int(positions.max()) + 1, x.device)
+        cos = cos[positions].to(x.dtype)[:, None, :]  # [T, 1, d]
+        sin = sin[positions].to(x.dtype)[:, None, :]
+        if self.interleaved:
+            t, h, d = x.shape
+            x = x.view(t, h, d // 2, 2).transpose(-1, -2).reshape(t, h, d)
+        x1, x2 = x[..., : self.dim // 2], x[..., self.dim // 2 :]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, window: int | None = None
+) -> torch.Tensor:
+    """Causal attention of one sequence's new queries against its whole cache.
+
+    q ``[hq, n, d]`` at positions ``start..start+n-1``; k ``[hk, L, d]``, v
+    ``[hk, L, dv]`` with ``L = start + n``. Grouped-query heads are folded into
+    the query rows (``[hk, g*n, d]``) so K and V are never repeated.
+    ``window`` (sliding-window attention): a query at ``p`` sees keys ``> p - window``.
+    Returns ``[n, hq * dv]``.
+    """
+    hq, n, d = q.shape
+    hk, L, dv = v.shape
+    g = hq // hk
+    qg = q.reshape(hk, g * n, d)
+    lo = max(0, start - window + 1) if window else 0  # keys before lo are outside every query's window
+    if lo:
+        k, v = k[:, lo:], v[:, lo:]
+    mask = None
+    if n > 1:
+        qpos = torch.arange(start, start + n, device=q.device).repeat(g)  # [g*n]
+        kpos = torch.arange(lo, L, device=q.device)[None, :]
+        mask = kpos <= qpos[:, None]  # [g*n, L - lo]
+        if window:
+            mask &= kpos > qpos[:, None] - window
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [hk, g*n, dv]
+    return out.view(hq, n, dv).transpose(0, 1).reshape(n, hq * dv)
+
+
+def attend_batch(
+    batch: ForwardBatch, layer: int, q: torch.Tensor, kv: tuple[torch.Tensor, ...], scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Write each sequence's new ``k, v`` (``[T, hk, d]``) to its cache and attend.
+
+    q is ``[T, hq, d]``; returns ``[T, hq * dv]``.
+    """
+    outs = []
+    for i, cache in enumerate(batch.caches):
+        a, b = batch.offsets[i], batch.offsets[i + 1]
+        parts = [t[a:b].transpose(0, 1) for t in kv]  # each [hk, n, d]
+        k_all, v_all = cache.write(layer, batch.starts[i], *parts)
+        outs.append(attend(q[a:b].transpose(0, 1), k_all, v_all, batch.starts[i], scale, window))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional q/k RMSNorm.
+
+    ``qk_norm="head"`` normalises each head (Qwen3-MoE); ``"full"`` normalises
+    the whole projection before the head split (OLMoE). ``clip_qkv`` clamps
+    q, k, v after that norm (OLMoE); ``sliding_window`` limits how far back a
+    query looks (Qwen-MoE with ``use_sliding_window``). The output projection
+    has a bias iff ``args.attention_bias``.
+    """
+
+    def __init__(
+        self,
+        args: BaseModelArgs,
+        layer: int,
+        qk_norm: str | None = None,
+        qkv_bias: bool = False,
+        clip_qkv: float | None = None,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.layer = layer
+        self.hq, self.hk, self.d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        H = args.hidden_size
+        self.q_proj = nn.Linear(H, self.hq * self.d, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, self.hk * self.d, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, self.hk * self.d, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, H, bias=args.attention_bias)
+        self.clip_qkv = clip_qkv
+        self.window = sliding_window
+        self.qk_norm = qk_norm
+        if qk_norm == "head":
+            self.q_norm = RMSNorm(self.d, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.d, args.rms_norm_eps)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(self.hq * self.d, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hk * self.d, args.rms_norm_eps)
+        self.rotary = Rotary(self.d, args.rope, args.max_position_embeddings)
+        self.scale = self.d**-0.5
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(T, self.hq, self.d)
+        k = k.view(T, self.hk, self.d)
+        v = v.view(T, self.hk, self.d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.rotary(q, batch.positions)
+        k = self.rotary(k, batch.positions)
+        return self.o_proj(attend_batch(batch, self.layer, q, (k, v), self.scale, self.window))

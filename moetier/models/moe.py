@@ -1,0 +1,190 @@
+"""Router, Experts and the sparse MoE block (three parts, as in transformers).
+
+``Experts`` is the one module that touches expert weights: offloading swaps in
+a different ``Experts``; the router and block never change.
+Shapes: ``T`` tokens, ``H`` hidden, ``I`` expert intermediate, ``E`` experts, ``k`` top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: dense layers and shared experts."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """Softmax over all experts, keep the top k, optionally renormalise them.
+
+    Mixtral always renormalises; Qwen-MoE and OLMoE follow ``norm_topk_prob``.
+    """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, normalize: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.top_k = top_k
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[T, H]`` -> (weights ``[T, k]`` float32, expert ids ``[T, k]``)."""
+        probs = F.softmax(F.linear(x, self.weight).float(), dim=-1)  # [T, E]
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+
+def _group_mask(group_scores: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor:
+    """Keep the ``topk_group`` best groups: group scores ``[T, G]`` -> expert mask ``[T, E]`` (bool)."""
+    keep = torch.topk(group_scores, topk_group, dim=-1).indices  # [T, topk_group]
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # [T, G]
+    return mask.repeat_interleave(num_experts // group_scores.shape[1], dim=1)
+
+
+class GroupLimitedSoftmaxRouter(nn.Module):
+    """DeepSeek-V2: softmax over all experts, then the top k of them ("greedy"), or the top
+    k within the ``topk_group`` groups whose best expert scores highest ("group_limited_greedy").
+
+    Never renormalised: transformers' DeepSeek-V2 ignores ``norm_topk_prob``. Scores are
+    computed in float32 whatever the model dtype, as transformers does.
+    """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int = 1, topk_group: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.top_k = top_k
+        self.n_group = n_group
+        self.topk_group = topk_group
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[T, H]`` -> (weights ``[T, k]`` float32, expert ids ``[T, k]``)."""
+        scores = F.softmax(F.linear(x.float(), self.weight.float()), dim=-1)  # [T, E]
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            T, E = scores.shape
+            group_best = scores.view(T, self.n_group, E // self.n_group).amax(dim=-1)  # [T, G]
+            scores = scores.masked_fill(~_group_mask(group_best, self.topk_group, E), 0.0)
+        weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        return weights, ids
+
+
+class GroupedSigmoidRouter(nn.Module):
+    """DeepSeek-V3: sigmoid scores; ``e_score_correction_bias`` steers the choice only.
+
+    Groups are ranked by the sum of their two best biased scores, the top k experts
+    are taken from the best ``topk_group`` groups, and their unbiased scores are the
+    weights (renormalised if ``normalize``).
+    """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int, topk_group: int, normalize: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        # a checkpoint tensor, not trained here: a parameter so that the loader fills it
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+        self.top_k = top_k
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[T, H]`` -> (weights ``[T, k]`` float32, expert ids ``[T, k]``)."""
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [T, E]
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            T, E = choice.shape
+            per_group = choice.view(T, self.n_group, E // self.n_group)
+            group_score = per_group.topk(min(2, E // self.n_group), dim=-1).values.sum(dim=-1)  # [T, G]
+            choice = choice.masked_fill(~_group_mask(group_score, self.topk_group, E), float("-inf"))
+        ids = torch.topk(choice, self.top_k, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, ids)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights, ids
+
+
+class Experts(nn.Module):
+    """All routed experts of one layer, resident, stacked expert-major.
+
+    ``gate_up_proj`` is ``[E, 2I, H]`` (gate rows, then up rows) and
+    ``down_proj`` is ``[E, H, I]``: expert ``e``'s weights are the slices ``[e]``.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.inter = inter
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Run expert ``e`` on ``x`` ``[n, H]``."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x ``[T, H]``, ids/weights ``[T, k]`` -> weighted sum of the chosen experts ``[T, H]``."""
+        T, k = ids.shape
+        if T == 1:  # decode at batch 1: no gather, no scatter
+            out = None
+            for j in range(k):
+                y = self.expert(int(ids[0, j]), x) * weights[0, j]
+                out = y if out is None else out + y
+            return out.to(x.dtype)
+        out = torch.zeros_like(x)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # token-slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of = order // k
+        w_sorted = weights.reshape(-1)[order]
+        pos = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = token_of[pos : pos + n]
+            y = self.expert(e, x[tok]) * w_sorted[pos : pos + n, None]
+            out.index_add_(0, tok, y.to(x.dtype))
+            pos += n
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + routed experts (+ an always-on shared expert, optionally gated)."""
+
+    def __init__(
+        self,
+        gate: nn.Module,
+        experts: Experts,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: bool = False,
+        scaling: float = 1.0,
+    ):
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+        self.shared_expert = shared_expert
+        hidden = experts.gate_up_proj.shape[-1]
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_expert_gate else None
+        self.scaling = scaling  # routed_scaling_factor, folded into the routing weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
+        out = self.experts(x, ids, weights)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out

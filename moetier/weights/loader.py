@@ -1,0 +1,158 @@
+"""Build a model on the meta device and fill it from a checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..models import Family, get_family
+from ..models.args import BaseModelArgs
+from ..models.decoder import CausalLM
+from ..models.weights_map import ExpertPiece, layer_index
+from .safetensors import SafetensorsReader
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``, ``"float32"``, ``torch.float16``... -> torch.dtype; ``None``/``"auto"`` -> None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value == "auto":
+        return None
+    if value not in _DTYPES:
+        raise ValueError(f"dtype {value!r} is not supported; use one of: bfloat16, float16, float32, auto")
+    return _DTYPES[value]
+
+
+def read_config(folder: Path) -> dict:
+    """Parse ``config.json``; a missing or malformed file is a ConfigError naming it."""
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: model folder does not exist")
+    if not path.exists():
+        raise ConfigError(f"{path}: missing (a model folder needs config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: malformed JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    if "text_config" in raw and "model_type" not in raw.get("text_config", {}):
+        raise ConfigError(f"{path}: multimodal configs are not supported")
+    return raw
+
+
+def load_args(folder: Path) -> tuple[Family, BaseModelArgs, dict]:
+    raw = read_config(folder)
+    family = get_family(raw.get("model_type"))
+    try:
+        args = family.args.from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {str(e).removeprefix('config.json: ')}") from e
+    return family, args, raw
+
+
+def checkpoint_dtype(raw: dict, reader: SafetensorsReader) -> torch.dtype:
+    """The dtype the checkpoint declares (``dtype``/``torch_dtype``), else that of its first float tensor."""
+    declared = raw.get("dtype") or raw.get("torch_dtype")
+    if declared in _DTYPES:
+        return _DTYPES[declared]
+    for name in reader.names():
+        if reader.dtype(name) in _ST_DTYPES:
+            return _ST_DTYPES[reader.dtype(name)]
+    return torch.float32
+
+
+def load_model(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> tuple[CausalLM, BaseModelArgs, dict]:
+    """Return ``(model, args, raw_config)`` with every weight on ``device`` in ``dtype``."""
+    folder = Path(folder)
+    family, args, raw = load_args(folder)
+    device = torch.device(device)
+    with SafetensorsReader(folder) as reader:
+        dtype = parse_dtype(dtype) or checkpoint_dtype(raw, reader)
+        with torch.device("meta"):
+            model = family.build(args)
+        expected = dict(model.named_parameters())
+        state = _collect(reader, family, args, expected, device, dtype)
+    missing = [n for n in expected if n not in state]
+    if args.tie_word_embeddings and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+    if missing:
+        raise CheckpointError(
+            f"{folder}: checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.eval()
+    return model, args, raw
+
+
+def _collect(reader, family, args, expected, device, dtype) -> dict[str, torch.Tensor]:
+    """Read every tensor the model expects, checking shapes, stacking per-expert pieces."""
+    state: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[tuple[ExpertPiece, str]]] = {}
+    for hf_name in reader.names():
+        li = layer_index(hf_name)
+        if li is not None and li >= args.num_hidden_layers:
+            continue  # e.g. DeepSeek-V3 multi-token-prediction layers, not used for decoding
+        name = family.weights.translate(hf_name)
+        if isinstance(name, ExpertPiece):
+            pieces.setdefault(name.target, []).append((name, hf_name))
+            continue
+        if name not in expected:
+            log.debug("ignoring checkpoint tensor %s", hf_name)
+            continue
+        _check_shape(reader, hf_name, reader.shape(hf_name), tuple(expected[name].shape))
+        state[name] = reader.get(hf_name).to(device=device, dtype=dtype)
+    for target, items in pieces.items():
+        if target not in expected:
+            log.debug("ignoring expert tensors for %s", target)
+            continue
+        state[target] = _stack_experts(reader, target, items, tuple(expected[target].shape), device, dtype)
+    return state
+
+
+def _stack_experts(reader, target, items, shape, device, dtype) -> torch.Tensor:
+    """Fill ``[E, 2I, H]`` (gate rows then up rows) or ``[E, H, I]`` from per-expert 2D tensors."""
+    out = torch.empty(shape, device=device, dtype=dtype)
+    n_exp = shape[0]
+    fused = target.endswith("gate_up_proj")
+    rows = shape[1] // 2 if fused else shape[1]
+    seen = set()
+    for piece, hf_name in items:
+        if piece.expert >= n_exp:
+            raise CheckpointError(
+                f"{reader.file_of(hf_name)}: tensor {hf_name!r} is for expert {piece.expert} "
+                f"but the config has {n_exp} experts"
+            )
+        _check_shape(reader, hf_name, reader.shape(hf_name), (rows, shape[2]))
+        lo = rows if piece.part == "up" else 0
+        out[piece.expert, lo : lo + rows].copy_(reader.get(hf_name))
+        seen.add((piece.expert, piece.part))
+    parts = ("gate", "up") if fused else ("down",)
+    lacking = [(e, p) for e in range(n_exp) for p in parts if (e, p) not in seen]
+    if lacking:
+        e, p = lacking[0]
+        raise CheckpointError(f"checkpoint lacks the {p} weight of expert {e} for {target} ({len(lacking)} missing)")
+    return out
+
+
+def _check_shape(reader, hf_name: str, got: tuple, want: tuple) -> None:
+    if tuple(got) != tuple(want):
+        raise CheckpointError(
+            f"{reader.file_of(hf_name)}: tensor {hf_name!r} has shape {list(got)}, expected {list(want)} from config.json"
+        )

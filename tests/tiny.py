@@ -1,0 +1,109 @@
+"""Tiny random-weight checkpoints written by transformers, and the reference forward.
+
+Every parity test builds its model here so that families are tested the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moetier.runtime.batch import ForwardBatch
+from moetier.runtime.kv_cache import SeqKV
+
+
+def make_checkpoint(
+    folder: Path, model_type: str, config: dict, *, fused: bool = False, shard_size: str | None = None, seed: int = 0
+) -> Path:
+    """Write a random-weight ``model_type`` checkpoint with transformers' ``save_pretrained``.
+
+    ``fused=True`` stores experts as 3D ``gate_up_proj``/``down_proj`` (the model's own
+    state_dict) instead of the per-expert hub layout; ``shard_size`` (e.g. ``"20KB"``)
+    forces several shards with an index.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, **config)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    _spread_weights(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fused:
+        cfg.save_pretrained(folder)
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        kw = {"max_shard_size": shard_size} if shard_size else {}
+        model.save_pretrained(folder, **kw)
+    return folder
+
+
+def _spread_weights(model) -> None:
+    """transformers' init (std 0.02) routes near-uniformly and gives tiny logits; draw
+    weights with std 1/sqrt(fan_in) instead, and perturb norms and biases so that
+    every parameter matters to the output."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() >= 2:
+                p.copy_(noise * p.shape[-1] ** -0.5)
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+        for name, b in model.named_buffers():
+            if "correction_bias" in name:
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+
+
+def reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
+    """transformers' logits ``[len(ids), vocab]`` for one sequence, float32."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0].float()
+
+
+def reference_greedy(folder: Path, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of ``ids`` (``n`` new tokens, EOS ignored)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )
+    return out[0, len(ids):].tolist()
+
+
+def moetier_logits(model, ids: list[int], split: int | None = None) -> torch.Tensor:
+    """moetier's logits for every position; ``split`` prefills ``ids[:split]`` first, then
+    feeds the rest one step at a time through the KV cache."""
+    kv = SeqKV(len(model.model.layers), 8, next(model.parameters()).device, next(model.parameters()).dtype)
+    split = len(ids) if split is None else split
+    chunks = [ids[:split]] + [[t] for t in ids[split:]]
+    rows = []
+    for chunk in chunks:
+        b = ForwardBatch.build([kv], [len(chunk)], kv.device)
+        rows.append(model(torch.tensor(chunk, device=kv.device), b, logits_rows=torch.arange(len(chunk))))
+        b.commit()
+    return torch.cat(rows).cpu()
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """Max abs difference within ``rel`` x the reference's largest logit."""
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert diff <= rel * scale, f"max |diff| {diff:.3g} > {rel} x max|logit| {scale:.3g}"
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2))
