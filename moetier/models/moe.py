@@ -141,21 +141,20 @@ class Experts(nn.Module):
                 y = self.expert(int(ids[0, j]), x) * weights[0, j]
                 out = y if out is None else out + y
             return out.to(x.dtype)
-        out = torch.zeros_like(x)
-        flat = ids.reshape(-1)
+        flat = ids.reshape(-1)  # [T*k] token-slots, token-major
         order = torch.argsort(flat, stable=True)  # token-slots grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // k
-        w_sorted = weights.reshape(-1)[order]
+        xs = x[order // k]  # [T*k, H] inputs in expert order
+        ys = torch.empty_like(xs)
         pos = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok = token_of[pos : pos + n]
-            y = self.expert(e, x[tok]) * w_sorted[pos : pos + n, None]
-            out.index_add_(0, tok, y.to(x.dtype))
-            pos += n
-        return out
+            if n:
+                ys[pos : pos + n] = self.expert(e, xs[pos : pos + n])
+                pos += n
+        slots = torch.empty_like(ys)
+        slots[order] = ys  # back to token-major: [T*k, H]
+        # weigh and sum each token's k outputs in float32 (no scatter-add, no order dependence)
+        return (slots.view(T, k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
 
 
 class SparseMoeBlock(nn.Module):

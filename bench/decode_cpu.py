@@ -1,0 +1,109 @@
+"""Decode tokens/s on the CPU, moetier vs transformers, on one synthetic Mixtral held in memory.
+
+Prints one JSON object per batch size with both rates, their ratio, and the
+bandwidth limit (active bytes per step / measured copy bandwidth).
+
+    python bench/decode_cpu.py                      # the issue's medium model (~2.8 GiB bf16)
+    python bench/decode_cpu.py --layers 4 --quick   # a fast smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, emit, synthetic_checkpoint  # noqa: E402
+
+
+def active_bytes_per_step(cfg: dict, batch: int, elem: int) -> int:
+    """Bytes a decode step must read: dense weights, the experts the batch activates, the LM head."""
+    H, I, E, k, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], \
+        cfg["num_experts_per_tok"], cfg["num_hidden_layers"]
+    hd = H // cfg["num_attention_heads"]
+    attn = H * hd * (cfg["num_attention_heads"] * 2 + cfg["num_key_value_heads"] * 2)
+    expert = 3 * H * I
+    distinct = E * (1 - (1 - k / E) ** batch)  # expected experts hit by `batch` tokens routed uniformly
+    per_layer = attn + 2 * H + E * H + distinct * expert
+    return int((L * per_layer + H + cfg["vocab_size"] * H + batch * H) * elem)
+
+
+def time_decode(run, new_tokens: int, repeats: int) -> float:
+    """Seconds per decode step: time(1 + n tokens) - time(1 token), over n; median of repeats."""
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        run(1 + new_tokens)
+        t2 = time.perf_counter()
+        samples.append(((t2 - t1) - (t1 - t0)) / new_tokens)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=3584)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/moetier-bench"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    from moetier import LLM, SamplingParams
+
+    dtype = getattr(torch, args.dtype)
+    cfg = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+               num_attention_heads=16, num_key_value_heads=4, num_local_experts=args.experts,
+               num_experts_per_tok=args.top_k, vocab_size=32000, max_position_embeddings=4096)
+    name = f"mixtral-h{args.hidden}-i{args.intermediate}-l{args.layers}-e{args.experts}-{args.dtype}"
+    folder = synthetic_checkpoint(args.dir / name, "mixtral", cfg, dtype)
+
+    llm = LLM(folder, dtype=args.dtype)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    bw = copy_bandwidth()
+    g = torch.Generator().manual_seed(0)
+    for B in args.batch:
+        prompts = torch.randint(0, cfg["vocab_size"], (B, args.prompt_len), generator=g)
+
+        def ours(n):
+            llm.generate([{"prompt_token_ids": p} for p in prompts.tolist()],
+                         SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
+
+        def theirs(n):
+            with torch.no_grad():
+                ref.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+
+        ours(2), theirs(2)  # warm up
+        t_ours = time_decode(ours, args.new_tokens, args.repeats)
+        t_ref = time_decode(theirs, args.new_tokens, args.repeats)
+        nbytes = active_bytes_per_step(cfg, B, dtype.itemsize)
+        limit = B / (nbytes / bw)
+        emit({
+            "bench": "decode_cpu", "model": name, "batch": B, "threads": torch.get_num_threads(),
+            "moetier_tok_s": round(B / t_ours, 2), "transformers_tok_s": round(B / t_ref, 2),
+            "ratio_vs_transformers": round(t_ref / t_ours, 3),
+            "active_bytes_per_step": nbytes, "copy_bandwidth_gb_s": round(bw / 1e9, 2),
+            "bandwidth_limit_tok_s": round(limit, 2), "fraction_of_limit": round(B / t_ours / limit, 3),
+        })
+
+
+if __name__ == "__main__":
+    main()
