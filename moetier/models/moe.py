@@ -113,32 +113,32 @@ class GroupedSigmoidRouter(nn.Module):
         return weights, ids
 
 
-class Experts(nn.Module):
-    """All routed experts of one layer, resident, stacked expert-major.
+class ExpertsBase(nn.Module):
+    """The math of a layer's routed experts; subclasses say where expert ``e``'s weights are.
 
-    ``gate_up_proj`` is ``[E, 2I, H]`` (gate rows, then up rows) and
-    ``down_proj`` is ``[E, H, I]``: expert ``e``'s weights are the slices ``[e]``.
+    Expert ``e`` is ``gate_up`` ``[2I, H]`` (gate rows, then up rows) and
+    ``down`` ``[H, I]``. Resident and offloaded experts run this same code on
+    tensors of the same shape and layout, so their outputs are bit-identical.
     """
 
-    def __init__(self, num_experts: int, hidden: int, inter: int):
-        super().__init__()
-        self.num_experts = num_experts
-        self.inter = inter
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+    num_experts: int
+
+    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Run expert ``e`` on ``x`` ``[n, H]``."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        gate_up, down = self.weights(e)
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+        return F.linear(F.silu(gate) * up, down)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[T, H]``, ids/weights ``[T, k]`` -> weighted sum of the chosen experts ``[T, H]``."""
         T, k = ids.shape
         if T == 1:  # decode at batch 1: no gather, no scatter
             out = None
-            for j in range(k):
-                y = self.expert(int(ids[0, j]), x) * weights[0, j]
+            for j, e in enumerate(ids[0].tolist()):
+                y = self.expert(e, x).float() * weights[0, j]
                 out = y if out is None else out + y
             return out.to(x.dtype)
         flat = ids.reshape(-1)  # [T*k] token-slots, token-major
@@ -155,6 +155,21 @@ class Experts(nn.Module):
         slots[order] = ys  # back to token-major: [T*k, H]
         # weigh and sum each token's k outputs in float32 (no scatter-add, no order dependence)
         return (slots.view(T, k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
+
+
+class Experts(ExpertsBase):
+    """All routed experts of one layer, resident, stacked expert-major:
+    ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]``."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.inter = inter
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+
+    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up_proj[e], self.down_proj[e]
 
 
 class SparseMoeBlock(nn.Module):

@@ -25,10 +25,16 @@ class WeightMap:
     checkpoints (``...experts.{e}.{name}.weight``); they are stacked into
     ``experts.gate_up_proj`` ``[E, 2I, H]`` and ``experts.down_proj`` ``[E, H, I]``.
     Fused checkpoints already store those two 3D tensors and need no mapping.
+    ``keep_fp32``: parameter-name suffixes loaded in float32 whatever the model dtype
+    (router weights and biases, as transformers' ``_keep_in_fp32_modules_strict``).
     """
 
     renames: tuple[tuple[str, str], ...] = ()
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    keep_fp32: tuple[str, ...] = ()
+
+    def keeps_fp32(self, name: str) -> bool:
+        return name.endswith(self.keep_fp32)
 
     def translate(self, name: str) -> str | ExpertPiece:
         for old, new in self.renames:

@@ -117,7 +117,8 @@ def _collect(reader, family, args, expected, device, dtype) -> dict[str, torch.T
             log.debug("ignoring checkpoint tensor %s", hf_name)
             continue
         _check_shape(reader, hf_name, reader.shape(hf_name), tuple(expected[name].shape))
-        state[name] = reader.get(hf_name).to(device=device, dtype=dtype)
+        want = torch.float32 if family.weights.keeps_fp32(name) else dtype
+        state[name] = reader.get(hf_name).to(device=device, dtype=want)
     for target, items in pieces.items():
         if target not in expected:
             log.debug("ignoring expert tensors for %s", target)
