@@ -1,0 +1,28 @@
+"""Where experts rest between uses: host memory (``TensorSource``) or the packed checkpoint on disk."""
+
+from __future__ import annotations
+
+import torch
+
+from .store import ALIGN, ExpertLayout
+
+
+def layout_for(inter: int, hidden: int, dtype: torch.dtype) -> ExpertLayout:
+    """The region layout moetier uses: gate_up rows, then down rows, each start 4 KiB-aligned."""
+    gu_bytes = 2 * inter * hidden * dtype.itemsize
+    return ExpertLayout(gate_up=(2 * inter, hidden), down=(hidden, inter), dtype=dtype,
+                        down_offset=-(-gu_bytes // ALIGN) * ALIGN)
+
+
+class TensorSource:
+    """Experts held in host memory as stacked ``[E, 2I, H]`` / ``[E, H, I]`` tensors per MoE layer."""
+
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor]):
+        self.gate_up, self.down = gate_up, down
+        E, two_i, H = gate_up[0].shape
+        self.layout = layout_for(two_i // 2, H, gate_up[0].dtype)
+
+    def read_into(self, layer: int, expert: int, out: torch.Tensor) -> None:
+        gu, dn = self.layout.views(out)
+        gu.copy_(self.gate_up[layer][expert])
+        dn.copy_(self.down[layer][expert])

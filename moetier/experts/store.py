@@ -1,0 +1,262 @@
+"""The expert store: the only code that moves expert bytes.
+
+Experts rest in a source (the packed checkpoint on disk, or host memory) and
+are brought into a fixed pool of slots on the compute device. A slot holds one
+expert as raw bytes laid out like its source region (``gate_up`` ``[2I, H]``
+then ``down`` ``[H, I]``), so a load is one read (or one copy) and the tensors
+the math sees are views of the slot: the same shapes and strides as resident
+weights, hence bit-identical results.
+
+Loads run on a thread pool (disk reads and host->device copies release the
+GIL); on CUDA the copy goes through a pinned staging buffer on a side stream
+and the compute stream waits on an event before using the slot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Protocol
+
+import torch
+
+from .cache import Key, Policy
+
+ALIGN = 4096
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Shapes and dtype of one expert, and where its two tensors sit in a region."""
+
+    gate_up: tuple[int, int]  # [2I, H]
+    down: tuple[int, int]  # [H, I]
+    dtype: torch.dtype
+    down_offset: int  # bytes from the region start to the down rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.down_offset + self.down[0] * self.down[1] * self.dtype.itemsize
+
+    @property
+    def slot_bytes(self) -> int:
+        return -(-self.nbytes // ALIGN) * ALIGN
+
+    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up, down)`` tensors viewing a uint8 region ``buf``."""
+        gu_n = self.gate_up[0] * self.gate_up[1] * self.dtype.itemsize
+        d_n = self.down[0] * self.down[1] * self.dtype.itemsize
+        gu = buf[:gu_n].view(self.dtype).view(self.gate_up)
+        dn = buf[self.down_offset : self.down_offset + d_n].view(self.dtype).view(self.down)
+        return gu, dn
+
+
+class ExpertSource(Protocol):
+    """Where experts rest. ``read_into`` fills a uint8 CPU tensor with one expert's region."""
+
+    layout: ExpertLayout
+
+    def read_into(self, layer: int, expert: int, out: torch.Tensor) -> None: ...
+
+
+@dataclass
+class StoreStats:
+    """Counters since the last reset; ``as_dict`` is what ``llm.stats()`` reports."""
+
+    hits: int = 0  # requested and already resident
+    misses: int = 0  # requested and not resident (includes waiting on a prefetch still in flight)
+    prefetch_hits: int = 0  # requested, resident, and brought in by a prefetch
+    prefetch_late: int = 0  # requested while its prefetch was still in flight
+    prefetched: int = 0  # loads started by the prefetcher
+    wasted_prefetches: int = 0  # prefetched experts evicted before any use
+    evictions: int = 0
+    bytes_disk_to_host: int = 0
+    bytes_host_to_device: int = 0
+    stall_s: float = 0.0  # time the forward pass waited for experts
+    per_tier: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        requests = self.hits + self.misses
+        d = {k: v for k, v in self.__dict__.items() if k != "per_tier"}
+        d["hit_rate"] = round(self.hits / requests, 4) if requests else None
+        d["stall_s"] = round(self.stall_s, 4)
+        return d
+
+
+class ExpertStore:
+    """A pool of ``num_slots`` expert slots on ``device``, filled from ``source`` on demand.
+
+    ``acquire(layer, experts)`` returns the experts' tensors, loading misses and
+    pinning them until ``release(layer)``; ``prefetch(keys)`` starts loads ahead
+    of need and protects them from eviction until they are used or
+    ``end_step`` clears the protection.
+    """
+
+    def __init__(self, source: ExpertSource, num_slots: int, policy: Policy, device: torch.device | str = "cpu",
+                 threads: int = 4):
+        self.source = source
+        self.layout = source.layout
+        self.device = torch.device(device)
+        self.policy = policy
+        self.num_slots = num_slots
+        self.slot_bytes = self.layout.slot_bytes
+        self._pool = torch.empty((num_slots, self.slot_bytes), dtype=torch.uint8, device=self.device)
+        self._views = [self.layout.views(self._pool[i]) for i in range(num_slots)]
+        self._lock = threading.RLock()  # a load may finish (and call back) while _start holds it
+        self._slot_of: dict[Key, int] = {}  # resident or loading
+        self._loading: dict[Key, Future] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._in_use: set[Key] = set()
+        self._protected: set[Key] = set()
+        self._from_prefetch: set[Key] = set()
+        self._pool_exec = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moetier-expert")
+        self.stats = StoreStats()
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            self._stream = torch.cuda.Stream(self.device)
+            self._staging = threading.local()
+            self._events: dict[Key, torch.cuda.Event] = {}
+            self._released: Optional[torch.cuda.Event] = None  # compute finished with released slots
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store holds on its device (its whole slot pool)."""
+        return self._pool.numel()
+
+    def resident(self) -> set[Key]:
+        with self._lock:
+            return {k for k in self._slot_of if k not in self._loading}
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def _load(self, key: Key, slot: int) -> None:
+        """Worker thread: bring ``key`` into ``slot``."""
+        n = self.layout.nbytes
+        if not self._cuda:
+            self.source.read_into(key[0], key[1], self._pool[slot, :n])
+            self.stats.bytes_disk_to_host += n
+            return
+        staging = getattr(self._staging, "buf", None)
+        if staging is None:
+            staging = self._staging.buf = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+        self.source.read_into(key[0], key[1], staging[:n])
+        self.stats.bytes_disk_to_host += n
+        with torch.cuda.stream(self._stream):
+            if self._released is not None:  # the slot's previous expert may still be read by compute
+                self._stream.wait_event(self._released)
+            self._pool[slot, :n].copy_(staging[:n], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        ev.synchronize()  # the staging buffer is reused by this thread's next load
+        self.stats.bytes_host_to_device += n
+        self._events[key] = ev
+
+    def _start(self, key: Key, layer: int, prefetch: bool) -> Optional[Future]:
+        """Claim a slot for ``key`` and start loading it (lock held). None if no slot can be freed."""
+        if self._free:
+            slot = self._free.pop()
+        else:
+            blocked = self._in_use | self._protected | set(self._loading)
+            candidates = [k for k in self._slot_of if k not in blocked]
+            if not candidates:
+                return None
+            victim = self.policy.victim(candidates, layer)
+            slot = self._slot_of.pop(victim)
+            self.policy.forget(victim)
+            self.stats.evictions += 1
+            if victim in self._from_prefetch:
+                self._from_prefetch.discard(victim)
+                self.stats.wasted_prefetches += 1
+        self._slot_of[key] = slot
+        fut = self._pool_exec.submit(self._load, key, slot)
+        self._loading[key] = fut
+        fut.add_done_callback(lambda f, k=key: self._finished(k, f))
+        if prefetch:
+            self._from_prefetch.add(key)
+            self.stats.prefetched += 1
+        return fut
+
+    def _finished(self, key: Key, fut: Future) -> None:
+        with self._lock:
+            self._loading.pop(key, None)
+            if fut.exception() is not None:  # forget the slot's claim; acquire() re-raises
+                slot = self._slot_of.pop(key, None)
+                if slot is not None:
+                    self._free.append(slot)
+
+    # -- the forward pass's side ----------------------------------------------------------------
+
+    def acquire(self, layer: int, experts: Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Tensors of ``experts`` of ``layer``, all resident; they stay put until ``release(layer)``."""
+        keys = [(layer, e) for e in experts]
+        waits: list[tuple[Key, Future]] = []
+        with self._lock:
+            for k in keys:
+                self._in_use.add(k)
+                if k in self._slot_of and k not in self._loading:
+                    self.stats.hits += 1
+                    if k in self._from_prefetch:
+                        self.stats.prefetch_hits += 1
+                else:
+                    self.stats.misses += 1
+                    fut = self._loading.get(k)
+                    if fut is not None:
+                        self.stats.prefetch_late += k in self._from_prefetch
+                    else:
+                        fut = self._start(k, layer, prefetch=False)
+                        if fut is None:
+                            raise RuntimeError(
+                                f"expert store has {self.num_slots} slots, too few for the experts one layer "
+                                f"needs ({len(keys)}) plus prefetches in flight"
+                            )
+                    waits.append((k, fut))
+                self._from_prefetch.discard(k)
+                self._protected.discard(k)
+                self.policy.touch(k)
+        if waits:
+            t0 = time.perf_counter()
+            for _, fut in waits:
+                fut.result()  # re-raises a read error in this thread
+            self.stats.stall_s += time.perf_counter() - t0
+        out = {}
+        for k in keys:
+            slot = self._slot_of[k]
+            if self._cuda and k in self._events:
+                torch.cuda.current_stream(self.device).wait_event(self._events.pop(k))
+            out[k[1]] = self._views[slot]
+        return out
+
+    def release(self, layer: int) -> None:
+        if self._cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._released = ev
+        with self._lock:
+            self._in_use = {k for k in self._in_use if k[0] != layer}
+
+    def prefetch(self, keys: Iterable[Key], layer: int) -> int:
+        """Start loading ``keys`` (most urgent first) that are neither resident nor loading.
+
+        Stops at the first key no slot can be freed for; returns how many loads started.
+        """
+        started = 0
+        with self._lock:
+            for k in keys:
+                if k in self._slot_of:
+                    self._protected.add(k)
+                    continue
+                if self._start(k, layer, prefetch=True) is None:
+                    break
+                self._protected.add(k)
+                started += 1
+        return started
+
+    def end_step(self) -> None:
+        """Drop prefetch protection at the end of a forward step (predictions are per step)."""
+        with self._lock:
+            self._protected.clear()
+
+    def close(self) -> None:
+        self._pool_exec.shutdown(wait=True, cancel_futures=True)
