@@ -111,7 +111,11 @@ def test_protected_prefetches_are_not_evicted(source):
         store.prefetch([(1, 0)], layer=0)
         store.acquire(2, [4, 5])  # must evict (0, 0) and (0, 1), never the protected (1, 0)
         store.release(2)
-        assert (1, 0) in store.resident()
+        assert store.stats.evictions == 2 and store.stats.wasted_prefetches == 0
+        misses = store.stats.misses
+        store.acquire(1, [0])
+        assert store.stats.prefetch_hits + store.stats.prefetch_late == 1
+        assert store.stats.misses - misses == store.stats.prefetch_late  # no second read
         store.end_step()
     finally:
         store.close()

@@ -26,3 +26,21 @@ class TensorSource:
         gu, dn = self.layout.views(out)
         gu.copy_(self.gate_up[layer][expert])
         dn.copy_(self.down[layer][expert])
+
+
+class PackedSource:
+    """Experts read from a packed checkpoint on disk, one aligned read each (O_DIRECT where allowed).
+
+    ``layers[i]`` is the decoder layer of MoE layer ``i`` (the store counts MoE layers only).
+    """
+
+    def __init__(self, packed, layers: list[int]):
+        self.packed = packed
+        self.layers = layers
+        r = packed.expert_region(layers[0], 0)
+        gu, dn = r.parts
+        self.layout = ExpertLayout(gate_up=tuple(gu.shape), down=tuple(dn.shape), dtype=r.dtype,
+                                   down_offset=dn.offset)
+
+    def read_into(self, layer: int, expert: int, out: torch.Tensor) -> None:
+        self.packed.read_into(self.layers[layer], expert, out)

@@ -102,9 +102,14 @@ class ExpertStore:
         self.policy = policy
         self.num_slots = num_slots
         self.slot_bytes = self.layout.slot_bytes
-        self._pool = torch.empty((num_slots, self.slot_bytes), dtype=torch.uint8, device=self.device)
+        if self.device.type == "cpu":  # page-aligned, so disk reads can go straight into a slot (O_DIRECT)
+            from ..weights.direct_io import aligned_buffer
+
+            self._pool = aligned_buffer(num_slots * self.slot_bytes).view(num_slots, self.slot_bytes)
+        else:
+            self._pool = torch.empty((num_slots, self.slot_bytes), dtype=torch.uint8, device=self.device)
         self._views = [self.layout.views(self._pool[i]) for i in range(num_slots)]
-        self._lock = threading.RLock()  # a load may finish (and call back) while _start holds it
+        self._lock = threading.Lock()
         self._slot_of: dict[Key, int] = {}  # resident or loading
         self._loading: dict[Key, Future] = {}
         self._free = list(range(num_slots - 1, -1, -1))
@@ -140,7 +145,9 @@ class ExpertStore:
             return
         staging = getattr(self._staging, "buf", None)
         if staging is None:
-            staging = self._staging.buf = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+            from ..weights.direct_io import aligned_buffer
+
+            staging = self._staging.buf = aligned_buffer(self.slot_bytes, pin=True)
         self.source.read_into(key[0], key[1], staging[:n])
         self.stats.bytes_disk_to_host += n
         with torch.cuda.stream(self._stream):
@@ -170,21 +177,26 @@ class ExpertStore:
                 self._from_prefetch.discard(victim)
                 self.stats.wasted_prefetches += 1
         self._slot_of[key] = slot
-        fut = self._pool_exec.submit(self._load, key, slot)
+        fut = self._pool_exec.submit(self._run_load, key, slot)
         self._loading[key] = fut
-        fut.add_done_callback(lambda f, k=key: self._finished(k, f))
         if prefetch:
             self._from_prefetch.add(key)
             self.stats.prefetched += 1
         return fut
 
-    def _finished(self, key: Key, fut: Future) -> None:
+    def _run_load(self, key: Key, slot: int) -> None:
+        """Worker thread: load, then publish the result before the future completes."""
+        try:
+            self._load(key, slot)
+        except BaseException:
+            with self._lock:  # forget the slot's claim; acquire() re-raises the error
+                self._loading.pop(key, None)
+                if self._slot_of.pop(key, None) is not None:
+                    self._free.append(slot)
+                self._from_prefetch.discard(key)
+            raise
         with self._lock:
             self._loading.pop(key, None)
-            if fut.exception() is not None:  # forget the slot's claim; acquire() re-raises
-                slot = self._slot_of.pop(key, None)
-                if slot is not None:
-                    self._free.append(slot)
 
     # -- the forward pass's side ----------------------------------------------------------------
 
