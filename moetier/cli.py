@@ -17,7 +17,8 @@ Use --model demo for the small model that ships with the package."""
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json + *.safetensors), or 'demo'")
+    g.add_argument("--model", required=True, help="checkpoint folder (config.json + *.safetensors, or a packed folder "
+                                                "from moetier convert), or 'demo'")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     g.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"],
                    help="weight and activation dtype (default: the checkpoint's own)")
@@ -72,6 +73,57 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from .evaluate import evaluate, load_task
+
+    if args.task is None:
+        from .demo import task_path
+
+        args.task = str(task_path("addition"))
+    items = load_task(args.task, args.limit)  # a bad file fails before the model loads
+    llm = _llm(args)
+    t0 = time.perf_counter()
+    result = evaluate(llm, items, max_tokens=args.max_tokens, routing=args.routing, use_tqdm=not args.quiet)
+    completions = result.pop("completions")
+    if args.show:
+        for it, c in zip(items, completions):
+            print(f"{'ok ' if c == it.answer else 'BAD'} {it.prompt!r} -> {c!r} (want {it.answer!r})", file=sys.stderr)
+    report = {"model": args.model, "task": args.task, **result, "seconds": round(time.perf_counter() - t0, 2)}
+    print(json.dumps(report, indent=None if args.quiet else 2))
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def cmd_convert(args) -> int:
+    from .weights.packed import PackedCheckpoint
+
+    if args.verify:
+        if args.out_dir is not None:
+            args.parser.error("--verify takes one folder: moetier convert --verify OUT_DIR")
+        t0 = time.perf_counter()
+        with PackedCheckpoint(args.hf_dir) as ckpt:
+            n = ckpt.verify(progress=not args.quiet)
+            regions = len(ckpt.tensors) + len(ckpt.experts)
+        dt = time.perf_counter() - t0
+        print(f"{args.hf_dir}: ok: {regions} regions, {_size(n)} checked in {dt:.1f} s")
+        return 0
+    if args.out_dir is None:
+        args.parser.error("convert needs HF_DIR and OUT_DIR (or --verify OUT_DIR)")
+    from .weights.packed_write import convert
+
+    t0 = time.perf_counter()
+    out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, max_file_size=args.max_file_size,
+                  force=args.force, progress=not args.quiet)
+    size = sum(f.stat().st_size for f in out.glob("weights-*.bin"))
+    print(f"wrote {out} ({_size(size)}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moetier", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +140,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="treat --prompt as a user message and apply the chat template")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="score a model by exact match on a JSONL task",
+                       description="Greedily complete each task prompt and count the completions that, "
+                                   "stripped, equal the answer. Prints the accuracy as JSON.")
+    _add_model_args(p)
+    p.add_argument("--task", default=None,
+                   help='JSONL file, one {"prompt": ..., "answer": ...} per line '
+                        "(default: the packaged held-out addition task)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens per completion (default: each answer's length in tokens + 2)")
+    p.add_argument("--routing", action="store_true",
+                   help="also report, per MoE layer, the share of routed tokens that go to the most popular "
+                        "25%% of experts (uniform routing gives about 25%%)")
+    p.add_argument("--show", action="store_true", help="print every completion to stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; one-line JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "convert", help="write a checkpoint in moetier's packed format (fast loads), or verify one",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert a Hugging Face checkpoint folder (config.json + *.safetensors) into moetier's\n"
+                    "packed format: dense tensors, then each (layer, expert) as one 4 KiB-aligned region, in\n"
+                    "files of bounded size, with an index (moetier-index.json) of offsets, shapes and CRC-32\n"
+                    "checksums; config, generation config and tokenizer files are copied alongside. The\n"
+                    "result loads like any model folder (--model OUT_DIR, LLM(OUT_DIR)) and faster.\n"
+                    "The output is written to a hidden temporary folder and renamed at the end, so an\n"
+                    "interrupted convert leaves nothing that looks complete.\n\n"
+                    "  moetier convert HF_DIR OUT_DIR [--dtype bf16] [--max-file-size 2GiB]\n"
+                    "  moetier convert --verify OUT_DIR   re-read every region and check its checksum\n"
+                    "                                     (exit 1 and name the file and tensor if any is bad)")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="the source checkpoint folder (with --verify: the packed folder)")
+    p.add_argument("out_dir", metavar="OUT_DIR", nargs="?", default=None,
+                   help="the packed folder to write (must not exist or be empty, unless --force)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"],
+                   help="stored dtype (default: the checkpoint's own, so outputs stay bit-identical; "
+                        "router weights a family keeps in float32 stay float32)")
+    p.add_argument("--max-file-size", default="2GiB",
+                   help="largest weight file, e.g. 2GiB, 500MB (default: 2GiB); tensors are never split, "
+                        "so one bigger than this gets a file of its own")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.add_argument("--verify", action="store_true", help="check the packed folder HF_DIR instead of converting")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert, parser=p)
     return parser
 
 

@@ -15,3 +15,7 @@ class CheckpointError(MoetierError, ValueError):
 
 class RequestError(MoetierError, ValueError):
     """A request cannot be served as given (e.g. the prompt is longer than the context)."""
+
+
+class TaskError(MoetierError, ValueError):
+    """An evaluation task file is missing or has a malformed line."""

@@ -39,12 +39,13 @@ class LLM:
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: Optional[str] = None,
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64, max_batch_tokens: int = 8192,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, *, verify: bool = False):
+        """``verify``: check the checksum of every weight region while loading a packed folder."""
         self.config = EngineConfig(str(model), device, dtype, max_model_len, max_num_seqs, max_batch_tokens, seed)
         if seed is not None:
             torch.manual_seed(seed)
         self.path = resolve_model_path(model)
-        self.model, self.args, raw_config = load_model(self.path, device, dtype)
+        self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
         self.tokenizer = load_tokenizer(self.path)
         gen_path = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}

@@ -98,8 +98,9 @@ class Engine:
     """Owns the model, the KV caches and the queue; ``step()`` advances every running sequence."""
 
     def __init__(self, model, tokenizer, eos: set[int], max_model_len: int,
-                 max_num_seqs: int = 64, max_batch_tokens: int = 8192):
+                 max_num_seqs: int = 64, max_batch_tokens: int = 8192, offload=None):
         self.model = model
+        self.offload = offload  # OffloadRuntime when experts are offloaded: told about every step
         self.tokenizer = tokenizer
         self.eos = eos
         self.max_model_len = max_model_len
@@ -134,6 +135,10 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Drop a request's sequences wherever they are (e.g. a client went away)."""
+        if self.offload is not None:
+            for s in self.running:
+                if s.request_id == request_id:
+                    self.offload.tracer.pop(s)
         self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
         self.running = [s for s in self.running if s.request_id != request_id]
 
@@ -160,7 +165,13 @@ class Engine:
         seqs = self.running
         ids = torch.tensor([t for s in seqs for t in s.pending], dtype=torch.long, device=self.device)
         batch = ForwardBatch.build([s.kv for s in seqs], [len(s.pending) for s in seqs], self.device)
-        logits = self.model(ids, batch)  # [len(seqs), vocab] float32
+        if self.offload is not None:
+            self.offload.begin_step(seqs, batch.lengths)
+        try:
+            logits = self.model(ids, batch)  # [len(seqs), vocab] float32
+        finally:
+            if self.offload is not None:
+                self.offload.end_step()
         batch.commit()
         events = []
         greedy = [s.params.greedy and s.params.logprobs is None for s in seqs]
@@ -173,4 +184,6 @@ class Engine:
         for s in seqs:
             if s.finished:
                 s.kv = None  # free the cache now, not when the caller lets go
+                if self.offload is not None:
+                    self.offload.finish(s)
         return events

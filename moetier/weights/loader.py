@@ -14,6 +14,7 @@ from ..models.args import BaseModelArgs
 from ..models.decoder import CausalLM
 from ..models.weights_map import ExpertPiece, layer_index
 from .safetensors import SafetensorsReader
+from .packed import PackedCheckpoint, is_packed
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +77,32 @@ def checkpoint_dtype(raw: dict, reader: SafetensorsReader) -> torch.dtype:
 
 
 def load_model(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+    *, verify: bool = False,
 ) -> tuple[CausalLM, BaseModelArgs, dict]:
-    """Return ``(model, args, raw_config)`` with every weight on ``device`` in ``dtype``."""
+    """Return ``(model, args, raw_config)`` with every weight on ``device`` in ``dtype``.
+
+    ``folder`` is a Hugging Face safetensors folder or a packed one (``moetier convert``), told
+    apart by the packed index. ``verify``: check every region's checksum (packed folders; sizes
+    are always checked).
+    """
     folder = Path(folder)
     family, args, raw = load_args(folder)
     device = torch.device(device)
-    with SafetensorsReader(folder) as reader:
-        dtype = parse_dtype(dtype) or checkpoint_dtype(raw, reader)
-        with torch.device("meta"):
-            model = family.build(args)
-        expected = dict(model.named_parameters())
-        state = _collect(reader, family, args, expected, device, dtype)
+    if is_packed(folder):
+        with PackedCheckpoint(folder) as ckpt:
+            dtype = parse_dtype(dtype) or ckpt.dtype
+            with torch.device("meta"):
+                model = family.build(args)
+            expected = dict(model.named_parameters())
+            state = ckpt.load_state(family.weights, expected, device, dtype, verify=verify)
+    else:
+        with SafetensorsReader(folder) as reader:
+            dtype = parse_dtype(dtype) or checkpoint_dtype(raw, reader)
+            with torch.device("meta"):
+                model = family.build(args)
+            expected = dict(model.named_parameters())
+            state = _collect(reader, family, args, expected, device, dtype)
     missing = [n for n in expected if n not in state]
     if args.tie_word_embeddings and "lm_head.weight" in missing:
         missing.remove("lm_head.weight")

@@ -97,6 +97,13 @@ class SafetensorsReader:
         except Exception as e:
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({e})") from e
 
+    def get_slice(self, name: str, index: int) -> torch.Tensor:
+        """``get(name)[index]`` without reading the rest (one expert of a fused 3D tensor)."""
+        try:
+            return self._handles[self.where[name]].get_slice(name)[index]
+        except Exception as e:
+            raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r}[{index}] ({e})") from e
+
     def close(self) -> None:
         self._stack.close()
 

@@ -1,0 +1,302 @@
+"""``moetier convert``: write a Hugging Face checkpoint folder in the packed format (layout in packed.py).
+
+The source is read through the same name mapping and shape checks as the safetensors loader,
+so a folder converts only if it would load, and the packed folder holds exactly the tensors the
+model takes, under its own names. Tensors stream through one at a time (an expert at a time), so
+memory stays small whatever the model's size. Everything is written into a hidden temporary
+sibling of the output folder, which is renamed into place only once the index is written and
+every file synced: an interrupted convert leaves no folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import __version__
+from ..errors import CheckpointError, MoetierError
+from ..models.weights_map import ExpertPiece, layer_index
+from .loader import _check_shape, checkpoint_dtype, load_args, parse_dtype
+from .packed import ALIGN, FORMAT, INDEX_NAME, VERSION, _bar, dtype_name, is_packed
+from .direct_io import round_up
+from .safetensors import SafetensorsReader
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_FILE_SIZE = 2 << 30
+# files that hold weights in some format; everything else at the top of the folder is copied
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """``"2GiB"``, ``"500MB"``, ``"64k"``, ``123`` -> bytes (k/KB, M/MB... powers of 1000; KiB, MiB... of 1024)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a size; write e.g. 2GiB, 500MB or 1048576")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class _ExpertLayer:
+    """Where one layer's experts come from: per-expert hub tensors and/or fused 3D ones."""
+
+    prefix: str  # model.layers.3.mlp.experts
+    layer: int
+    num_experts: int
+    gate_up: tuple  # [2I, H]
+    down: tuple  # [H, I]
+    pieces: dict = field(default_factory=dict)  # (expert, "gate" | "up" | "down") -> checkpoint name
+    fused: dict = field(default_factory=dict)  # "gate_up_proj" | "down_proj" -> checkpoint name of a 3D tensor
+
+    def source(self, e: int, kind: str) -> Optional[list[str]]:
+        if kind in self.fused:
+            return [self.fused[kind]]
+        parts = ("gate", "up") if kind == "gate_up_proj" else ("down",)
+        names = [self.pieces.get((e, p)) for p in parts]
+        return None if None in names else names
+
+
+def _is_expert_param(name: str) -> bool:
+    return name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+
+
+def _plan(reader: SafetensorsReader, family, args, expected: dict) -> tuple[dict[str, str], list[_ExpertLayer]]:
+    """Map checkpoint tensors onto the model's parameters: ``(dense name -> checkpoint name, expert layers)``."""
+    dense: dict[str, str] = {}
+    layers: dict[str, _ExpertLayer] = {}
+
+    def layer_of(target: str) -> _ExpertLayer:
+        prefix = target.rsplit(".", 1)[0]
+        if prefix not in layers:
+            gu, dn = (tuple(expected[f"{prefix}.{k}"].shape) for k in ("gate_up_proj", "down_proj"))
+            layers[prefix] = _ExpertLayer(prefix, layer_index(prefix + "."), gu[0], gu[1:], dn[1:])
+        return layers[prefix]
+
+    for hf_name in reader.names():
+        li = layer_index(hf_name)
+        if li is not None and li >= args.num_hidden_layers:
+            continue  # e.g. DeepSeek-V3 multi-token-prediction layers, not used for decoding
+        name = family.weights.translate(hf_name)
+        if isinstance(name, ExpertPiece):
+            if name.target not in expected:
+                log.debug("ignoring expert tensor %s", hf_name)
+                continue
+            lay = layer_of(name.target)
+            if name.expert >= lay.num_experts:
+                raise CheckpointError(
+                    f"{reader.file_of(hf_name)}: tensor {hf_name!r} is for expert {name.expert} "
+                    f"but the config has {lay.num_experts} experts"
+                )
+            want = lay.down if name.part == "down" else (lay.gate_up[0] // 2, lay.gate_up[1])
+            _check_shape(reader, hf_name, reader.shape(hf_name), want)
+            lay.pieces[(name.expert, name.part)] = hf_name
+            continue
+        if name not in expected:
+            log.debug("ignoring checkpoint tensor %s", hf_name)
+            continue
+        _check_shape(reader, hf_name, reader.shape(hf_name), tuple(expected[name].shape))
+        if _is_expert_param(name):
+            layer_of(name).fused[name.rsplit(".", 1)[1]] = hf_name
+        else:
+            dense[name] = hf_name
+
+    for lay in layers.values():
+        for kind in ("gate_up_proj", "down_proj"):
+            lacking = [e for e in range(lay.num_experts) if lay.source(e, kind) is None]
+            if lacking:
+                raise CheckpointError(
+                    f"checkpoint lacks the {kind.removesuffix('_proj')} weight of expert {lacking[0]} "
+                    f"for {lay.prefix}.{kind} ({len(lacking)} missing)"
+                )
+    covered = set(dense) | {f"{p}.{k}" for p in layers for k in ("gate_up_proj", "down_proj")}
+    missing = [n for n in expected if n not in covered and not (n == "lm_head.weight" and args.tie_word_embeddings)]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    ordered = {n: dense[n] for n in expected if n in dense}  # the model's own order
+    return ordered, sorted(layers.values(), key=lambda lay: lay.layer)
+
+
+class _Writer:
+    """Appends aligned regions to ``weights-NNNNN.bin`` files of bounded size."""
+
+    def __init__(self, folder: Path, max_file_size: int, bar):
+        self.folder, self.max, self.bar = folder, max_file_size, bar
+        self.files: list[dict] = []
+        self._fh = None
+        self._pos = 0
+
+    def write(self, groups: list[list[torch.Tensor]]) -> tuple[dict, list[int]]:
+        """Write one region: each group of tensors back to back, each group starting ALIGN-aligned.
+
+        Returns the region's file, offset, nbytes and checksum, and each group's offset in it.
+        """
+        sizes = [sum(t.numel() * t.element_size() for t in g) for g in groups]
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + round_up(n))
+        nbytes = starts[-1] + sizes[-1]
+        if self._fh is None or (self._pos and self._pos + round_up(nbytes) > self.max):
+            self._next_file()
+        offset, crc = self._pos, 0
+        for i, group in enumerate(groups):
+            pad = bytes(starts[i] - (starts[i - 1] + sizes[i - 1])) if i else b""
+            self._fh.write(pad)
+            crc = zlib.crc32(pad, crc)
+            for t in group:
+                data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+                self._fh.write(data)
+                crc = zlib.crc32(data, crc)
+        self._fh.write(bytes(round_up(nbytes) - nbytes))  # pad to the next aligned offset
+        self._pos += round_up(nbytes)
+        self.files[-1]["nbytes"] = self._pos
+        if self.bar is not None:
+            self.bar.update(sum(sizes))
+        return {"file": self.files[-1]["name"], "offset": offset, "nbytes": nbytes, "checksum": crc}, starts
+
+    def _next_file(self) -> None:
+        self.close()
+        name = f"weights-{len(self.files) + 1:05d}.bin"
+        self._fh = open(self.folder / name, "wb")
+        self._pos = 0
+        self.files.append({"name": name, "nbytes": 0})
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+
+def _write_dense(w: _Writer, reader: SafetensorsReader, name: str, hf_name: str, dtype: torch.dtype) -> dict:
+    t = reader.get(hf_name).to(dtype)
+    region, _ = w.write([[t]])
+    return {"name": name, **region, "dtype": dtype_name(dtype), "shape": list(t.shape)}
+
+
+def _write_expert(w: _Writer, reader: SafetensorsReader, lay: _ExpertLayer, e: int, dtype: torch.dtype) -> dict:
+    """One (layer, expert) region: gate rows and up rows (together ``[2I, H]``), then, from the
+    next aligned offset, down ``[H, I]``, so each part can also be read on its own with O_DIRECT."""
+    groups = []
+    for kind in ("gate_up_proj", "down_proj"):
+        names = lay.source(e, kind)
+        if kind in lay.fused:
+            groups.append([reader.get_slice(names[0], e).to(dtype)])
+        else:
+            groups.append([reader.get(n).to(dtype) for n in names])
+    region, (gu_offset, down_offset) = w.write(groups)
+    return {
+        "name": f"{lay.prefix}[{e}]", "layer": lay.layer, "expert": e, **region, "dtype": dtype_name(dtype),
+        "parts": [{"name": f"{lay.prefix}.gate_up_proj", "offset": gu_offset, "shape": list(lay.gate_up)},
+                  {"name": f"{lay.prefix}.down_proj", "offset": down_offset, "shape": list(lay.down)}],
+    }
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None,
+            max_file_size: int | str = DEFAULT_MAX_FILE_SIZE, force: bool = False, progress: bool = True) -> Path:
+    """Write the checkpoint folder ``src`` to ``dst`` in the packed format; returns ``dst``.
+
+    ``dtype``: stored dtype (default: the checkpoint's own, so outputs are bit-identical; router
+    weights a family keeps in float32 stay float32). ``max_file_size``: bytes per weight file
+    (a region larger than that gets a file of its own). ``force``: replace a non-empty ``dst``.
+    """
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    max_file_size = parse_size(max_file_size)
+    if max_file_size < ALIGN:
+        raise ValueError(f"max_file_size must be at least {ALIGN} bytes, got {max_file_size}")
+    if is_packed(src):
+        raise MoetierError(f"{src}: already a packed moetier checkpoint (it has {INDEX_NAME})")
+    s, d = src.resolve(), dst.resolve()
+    if d == s or d in s.parents:
+        raise MoetierError(f"{dst}: the output folder must not be the source folder or hold it")
+    if dst.exists() and not dst.is_dir():
+        raise MoetierError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise MoetierError(f"{dst}: exists and is not empty; pass --force to replace it")
+    family, args, raw = load_args(src)
+    with SafetensorsReader(src) as reader:
+        source_dtype = checkpoint_dtype(raw, reader)
+        target = parse_dtype(dtype) or source_dtype
+        with torch.device("meta"):
+            expected = dict(family.build(args).named_parameters())
+        dense, layers = _plan(reader, family, args, expected)
+        dense_dtype = {n: torch.float32 if family.weights.keeps_fp32(n) else target for n in dense}
+        total = sum(expected[n].numel() * dense_dtype[n].itemsize for n in dense)
+        total += sum(expected[f"{lay.prefix}.{k}"].numel() * target.itemsize
+                     for lay in layers for k in ("gate_up_proj", "down_proj"))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.moetier-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        bar = _bar(total, "Converting", progress)
+        try:
+            writer = _Writer(tmp, max_file_size, bar)
+            try:
+                tensors = [_write_dense(writer, reader, n, h, dense_dtype[n]) for n, h in dense.items()]
+                experts = [_write_expert(writer, reader, lay, e, target)
+                           for lay in layers for e in range(lay.num_experts)]
+            finally:
+                writer.close()
+            _copy_aside(src, tmp, raw, target, source_dtype)
+            index = {"format": FORMAT, "version": VERSION, "alignment": ALIGN, "checksum": "crc32",
+                     "dtype": dtype_name(target), "model_type": raw.get("model_type"),
+                     "created_by": f"moetier {__version__}", "files": writer.files,
+                     "tensors": tensors, "experts": experts}
+            _write_synced(tmp / INDEX_NAME, json.dumps(index, indent=1))
+            _install(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    return dst
+
+
+def _copy_aside(src: Path, dst: Path, raw: dict, target: torch.dtype, source_dtype: torch.dtype) -> None:
+    """Copy config, generation config, tokenizer and other non-weight files; record a new dtype."""
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if f.name == "config.json" and target != source_dtype:
+            cfg = dict(raw)
+            for key in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
+                cfg[key] = dtype_name(target)
+            _write_synced(dst / f.name, json.dumps(cfg, indent=2) + "\n")
+        else:
+            shutil.copy2(f, dst / f.name)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _install(tmp: Path, dst: Path) -> None:
+    """Move the finished folder into place; a replaced folder is removed only after the rename."""
+    old = None
+    if dst.exists():
+        if any(dst.iterdir()):
+            old = dst.parent / f".{dst.name}.moetier-old-{secrets.token_hex(4)}"
+            dst.rename(old)
+        else:
+            dst.rmdir()
+    tmp.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
