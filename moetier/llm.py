@@ -15,6 +15,7 @@ from .outputs import RequestOutput
 from .runtime.engine import Engine
 from .runtime.sampling import SamplingParams
 from .tokenizer import chat_prompt, eos_ids, load_tokenizer, require
+from .units import parse_size
 from .weights.loader import load_model
 
 PromptType = Union[str, dict, list[int]]
@@ -39,13 +40,48 @@ class LLM:
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: Optional[str] = None,
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64, max_batch_tokens: int = 8192,
-                 seed: Optional[int] = None, *, verify: bool = False):
-        """``verify``: check the checksum of every weight region while loading a packed folder."""
+                 seed: Optional[int] = None, *, verify: bool = False,
+                 device_memory: Optional[str | int] = None, host_memory: Optional[str | int] = None,
+                 offload_dir: Optional[str | Path] = None, cache_policy: str = "activation",
+                 prefetch: str = "trace", expert_slots: Optional[int] = None):
+        """Load ``model`` (a checkpoint folder, a packed folder, or ``"demo"``).
+
+        ``verify``: check the checksum of every weight region while loading a packed folder.
+
+        Offloading (any of ``device_memory``, ``expert_slots``, or ``host_memory`` on the CPU):
+        the dense weights stay on ``device`` and the routed experts are served from the packed
+        checkpoint (an HF folder is converted on first use into ``offload_dir``) through an
+        expert cache that gets what ``device_memory`` leaves (e.g. ``"6GiB"``).
+        ``cache_policy``: ``lru``, ``lfu`` or ``activation``; ``prefetch``: ``trace`` (match
+        the trace library), ``lookahead`` (next layer's router) or ``none``. Outputs are
+        bit-identical to the all-resident run whatever the budget and policy.
+        """
         self.config = EngineConfig(str(model), device, dtype, max_model_len, max_num_seqs, max_batch_tokens, seed)
         if seed is not None:
             torch.manual_seed(seed)
         self.path = resolve_model_path(model)
-        self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
+        if device == "cpu" and device_memory is None:
+            device_memory = host_memory  # on the CPU the host is the device: one RAM budget
+        offload = None
+        self.memory: dict = {}
+        if device_memory is not None or expert_slots is not None:
+            from .experts.setup import attach_offload, ensure_packed, kv_bytes_per_token
+            from .weights.loader import parse_dtype
+            from .weights.packed import PackedCheckpoint
+
+            want = parse_dtype(dtype)
+            packed_path = ensure_packed(self.path, want, Path(offload_dir) if offload_dir else None)
+            self.model, self.args, raw_config = load_model(packed_path, device, want, verify=verify, experts=False)
+            self._packed = PackedCheckpoint(packed_path)
+            run_dtype = next(p for p in self.model.parameters() if p.device.type != "meta").dtype
+            limit = max_model_len or self.args.max_position_embeddings
+            kv_reserve = kv_bytes_per_token(self.args, run_dtype) * min(limit, 2048)
+            library = Path(offload_dir) / "traces.npz" if offload_dir else packed_path / "traces.npz"
+            offload, self.memory = attach_offload(
+                self.model, self._packed, torch.device(device), parse_size(device_memory) if device_memory else None,
+                kv_reserve, policy=cache_policy, prefetch=prefetch, library_path=library, expert_slots=expert_slots)
+        else:
+            self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
         self.tokenizer = load_tokenizer(self.path)
         gen_path = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
@@ -53,7 +89,26 @@ class LLM:
         if max_model_len is not None and max_model_len > limit:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}")
         self.engine = Engine(self.model, self.tokenizer, eos_ids(self.generation_config, raw_config, self.tokenizer),
-                             max_model_len or limit, max_num_seqs, max_batch_tokens)
+                             max_model_len or limit, max_num_seqs, max_batch_tokens, offload=offload)
+
+    def stats(self) -> dict:
+        """Expert-cache counters: hits, misses, prefetch hits, bytes moved per tier, stall time.
+
+        Empty when every expert is resident.
+        """
+        return self.engine.offload.stats() if self.engine.offload is not None else {}
+
+    def close(self) -> None:
+        """Stop the expert loaders, save the trace library and close the checkpoint files."""
+        if self.engine.offload is not None:
+            self.engine.offload.close()
+            self._packed.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def get_tokenizer(self):
         return self.tokenizer

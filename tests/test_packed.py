@@ -17,7 +17,8 @@ from moetier.weights import packed_write
 from moetier.weights.loader import load_model
 from moetier.weights.packed import ALIGN, INDEX_NAME, PackedCheckpoint, is_packed
 from moetier.weights.direct_io import aligned_buffer
-from moetier.weights.packed_write import convert, parse_size
+from moetier.units import parse_size
+from moetier.weights.packed_write import convert
 from tiny import add_char_tokenizer, make_checkpoint, moetier_logits
 
 COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

@@ -128,3 +128,25 @@ def add_char_tokenizer(folder: Path) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
+
+
+_COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256)
+# One small config per family, each with several MoE layers (offloading and format tests)
+FAMILY_CONFIGS = {
+    "mixtral": dict(_COMMON, intermediate_size=96, num_hidden_layers=3, num_local_experts=6, num_experts_per_tok=2),
+    "qwen2_moe": dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1]),
+    "qwen3_moe": dict(_COMMON, num_hidden_layers=3, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
+                      num_experts=6, num_experts_per_tok=2, norm_topk_prob=True),
+    "olmoe": dict(_COMMON, num_hidden_layers=3, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                  eos_token_id=None, pad_token_id=0),
+    "deepseek_v2": dict(_COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+                        num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, topk_method="greedy"),
+    "deepseek_v3": dict(_COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+                        num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1),
+}

@@ -3,6 +3,7 @@ per-step bookkeeping (activation traces, prefetch) around them."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -78,6 +79,7 @@ class OffloadRuntime:
         self.tracer = tracer
         self.library = prefetcher.library
         self.library_path = library_path
+        self._saved = time.monotonic()
 
     # engine hooks
     def begin_step(self, keys: list[object], lengths: list[int]) -> None:
@@ -92,8 +94,15 @@ class OffloadRuntime:
         counts = self.tracer.pop(key)
         if counts is not None and counts.any():
             self.library.add(counts)
-            if self.library_path is not None:
+            now = time.monotonic()
+            if self.library_path is not None and now - self._saved > 10:  # and at close()
                 self.library.save(self.library_path)
+                self._saved = now
 
     def stats(self) -> dict:
         return self.store.stats.as_dict()
+
+    def close(self) -> None:
+        self.store.close()
+        if self.library_path is not None and len(self.library):
+            self.library.save(self.library_path)

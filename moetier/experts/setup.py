@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +11,7 @@ import torch
 
 from ..errors import MoetierError
 from ..models.moe import SparseMoeBlock
+from ..units import fmt_size
 from .cache import make_policy
 from .offload import ExpertTracer, OffloadedExperts, OffloadRuntime
 from .prefetch import Prefetcher
@@ -19,28 +19,6 @@ from .store import ExpertStore
 from .trace import TraceLibrary
 
 log = logging.getLogger(__name__)
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(value: str | int | float | None) -> Optional[int]:
-    """``"6GiB"``, ``"512MB"``, ``2_000_000`` -> bytes; None stays None."""
-    if value is None or isinstance(value, (int, float)):
-        return None if value is None else int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read {value!r} as a memory size; write e.g. 6GiB, 512MiB or 2GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def fmt_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
 
 def packed_cache_dir(model_path: Path, dtype: torch.dtype, offload_dir: Optional[Path]) -> Path:
     """Where an HF folder's packed copy goes: ``offload_dir`` or a per-model user cache folder."""
@@ -59,14 +37,15 @@ def dense_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
 
 
-def attach_offload(model, packed, device: torch.device, device_memory: int, kv_reserve: int,
+def attach_offload(model, packed, device: torch.device, device_memory: Optional[int], kv_reserve: int,
                    policy: str = "activation", prefetch: str = "trace", library_path: Optional[Path] = None,
-                   threads: int = 4) -> OffloadRuntime:
+                   expert_slots: Optional[int] = None, threads: int = 4) -> tuple[OffloadRuntime, dict]:
     """Replace each MoE block's experts by ones served from ``packed`` through a slot pool.
 
     The pool gets what ``device_memory`` leaves after the dense weights and
-    ``kv_reserve``; fewer slots than one layer's experts is an error that says
-    the smallest budget that works.
+    ``kv_reserve`` (or exactly ``expert_slots`` slots); fewer slots than one
+    layer's experts is an error that says the smallest budget that works.
+    Returns the runtime and the memory accounting.
     """
     from .sources import PackedSource
 
@@ -77,13 +56,19 @@ def attach_offload(model, packed, device: torch.device, device_memory: int, kv_r
     source = PackedSource(packed, [_decoder_layer(model, b) for b in blocks])
     slot = source.layout.slot_bytes
     dense = dense_bytes(model)
-    slots = (device_memory - dense - kv_reserve) // slot
-    if slots < num_experts:
-        need = dense + kv_reserve + num_experts * slot
+    if expert_slots is None:
+        slots = (device_memory - dense - kv_reserve) // slot
+        budget = device_memory
+    else:
+        slots = expert_slots
+        budget = device_memory if device_memory is not None else dense + kv_reserve + slots * slot
+    if slots < num_experts or dense + kv_reserve + slots * slot > budget:
+        want = max(num_experts, expert_slots or 0)
+        need = dense + kv_reserve + want * slot
         raise MoetierError(
-            f"device_memory {fmt_size(device_memory)} is too small: the dense weights take {fmt_size(dense)}, "
-            f"the KV reserve {fmt_size(kv_reserve)} and one layer's {num_experts} experts "
-            f"{fmt_size(num_experts * slot)}; give at least {fmt_size(need)}"
+            f"device_memory {fmt_size(budget)} is too small: the dense weights take {fmt_size(dense)}, "
+            f"the KV reserve {fmt_size(kv_reserve)} and {want} expert slots (at least one layer's "
+            f"{num_experts} experts) {fmt_size(want * slot)}; give at least {fmt_size(need)}"
         )
     total = len(blocks) * num_experts
     slots = min(slots, total)
@@ -96,7 +81,46 @@ def attach_offload(model, packed, device: torch.device, device_memory: int, kv_r
     for i, b in enumerate(blocks):
         b.experts = OffloadedExperts(runtime, i, num_experts)
     log.info("offloading %d experts through %d slots (%s) on %s", total, slots, fmt_size(slots * slot), device)
-    return runtime
+    memory = {"device_budget": budget, "dense_bytes": dense, "kv_reserve": kv_reserve, "expert_slots": slots,
+              "slot_bytes": slot, "device_bytes": dense + kv_reserve + store.nbytes,
+              "experts_total_bytes": total * source.layout.nbytes}
+    return runtime, memory
+
+
+def kv_bytes_per_token(args, dtype: torch.dtype) -> int:
+    """KV cache bytes one token takes across all layers (the MLA latent for DeepSeek)."""
+    if getattr(args, "kv_lora_rank", None):
+        per_layer = args.kv_lora_rank + args.qk_rope_head_dim
+    else:
+        per_layer = 2 * args.num_key_value_heads * args.head_dim
+    return per_layer * args.num_hidden_layers * dtype.itemsize
+
+
+def ensure_packed(path: Path, dtype, offload_dir: Optional[Path]) -> Path:
+    """A packed checkpoint of ``path`` whose stored dtype is ``dtype`` (None: the checkpoint's),
+    converting an HF folder on first use (with a progress bar) into ``offload_dir`` or a user cache."""
+    from ..weights.packed import PackedCheckpoint, is_packed
+    from ..weights.packed_write import convert
+
+    if is_packed(path):
+        with PackedCheckpoint(path) as ckpt:
+            if dtype is not None and ckpt.dtype != dtype:
+                raise MoetierError(
+                    f"{path}: packed in {ckpt.dtype}; offloaded experts run in their stored dtype, so convert "
+                    f"the original checkpoint with --dtype {str(dtype).removeprefix('torch.')}"
+                )
+        return path
+    from ..weights.loader import checkpoint_dtype, read_config
+    from ..weights.safetensors import SafetensorsReader
+
+    if dtype is None:
+        with SafetensorsReader(path) as reader:
+            dtype = checkpoint_dtype(read_config(path), reader)
+    out = packed_cache_dir(path, dtype, offload_dir)
+    if not is_packed(out):
+        log.warning("converting %s to the packed format in %s (once)", path, out)
+        convert(path, out, dtype=dtype, force=True)
+    return out
 
 
 def _decoder_layer(model, block) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Protocol
 
@@ -161,16 +161,21 @@ class ExpertStore:
         self._events[key] = ev
 
     def _start(self, key: Key, layer: int, prefetch: bool) -> Optional[Future]:
-        """Claim a slot for ``key`` and start loading it (lock held). None if no slot can be freed."""
+        """Claim a slot for ``key`` and start loading it (lock held). None if no slot can be freed.
+
+        A prefetch may only evict experts that are neither in use nor protected; a demand load
+        may also evict protected ones (a prediction must never block the layer that runs now).
+        """
         if self._free:
             slot = self._free.pop()
         else:
-            blocked = self._in_use | self._protected | set(self._loading)
-            candidates = [k for k in self._slot_of if k not in blocked]
+            movable = [k for k in self._slot_of if k not in self._in_use and k not in self._loading]
+            candidates = [k for k in movable if k not in self._protected] or ([] if prefetch else movable)
             if not candidates:
                 return None
             victim = self.policy.victim(candidates, layer)
             slot = self._slot_of.pop(victim)
+            self._protected.discard(victim)
             self.policy.forget(victim)
             self.stats.evictions += 1
             if victim in self._from_prefetch:
@@ -203,34 +208,42 @@ class ExpertStore:
     def acquire(self, layer: int, experts: Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Tensors of ``experts`` of ``layer``, all resident; they stay put until ``release(layer)``."""
         keys = [(layer, e) for e in experts]
-        waits: list[tuple[Key, Future]] = []
+        waits: list[Future] = []
+        missing: list[Key] = []
         with self._lock:
             for k in keys:
                 self._in_use.add(k)
                 if k in self._slot_of and k not in self._loading:
                     self.stats.hits += 1
-                    if k in self._from_prefetch:
-                        self.stats.prefetch_hits += 1
+                    self.stats.prefetch_hits += k in self._from_prefetch
                 else:
                     self.stats.misses += 1
-                    fut = self._loading.get(k)
-                    if fut is not None:
+                    if k in self._loading:
                         self.stats.prefetch_late += k in self._from_prefetch
+                        waits.append(self._loading[k])
                     else:
-                        fut = self._start(k, layer, prefetch=False)
-                        if fut is None:
-                            raise RuntimeError(
-                                f"expert store has {self.num_slots} slots, too few for the experts one layer "
-                                f"needs ({len(keys)}) plus prefetches in flight"
-                            )
-                    waits.append((k, fut))
+                        missing.append(k)
                 self._from_prefetch.discard(k)
                 self._protected.discard(k)
                 self.policy.touch(k)
+        t0 = time.perf_counter()
+        while missing:
+            with self._lock:
+                fut = self._start(missing[0], layer, prefetch=False)
+                if fut is not None:
+                    waits.append(fut)
+                    missing.pop(0)
+                    continue
+                # every other slot is mid-load: wait for one (a prefetch first) and evict it then
+                busy = sorted(self._loading.items(), key=lambda kv: kv[0] in self._in_use)
+                if not busy:
+                    raise RuntimeError(f"expert store has {self.num_slots} slots, too few for the "
+                                       f"{len(keys)} experts layer {layer} needs")
+                blocker = busy[0][1]
+            wait([blocker])
+        for fut in waits:
+            fut.result()  # re-raises a read error in this thread
         if waits:
-            t0 = time.perf_counter()
-            for _, fut in waits:
-                fut.result()  # re-raises a read error in this thread
             self.stats.stall_s += time.perf_counter() - t0
         out = {}
         for k in keys:

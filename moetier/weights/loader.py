@@ -78,30 +78,28 @@ def checkpoint_dtype(raw: dict, reader: SafetensorsReader) -> torch.dtype:
 
 def load_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-    *, verify: bool = False,
+    *, verify: bool = False, experts: bool = True,
 ) -> tuple[CausalLM, BaseModelArgs, dict]:
     """Return ``(model, args, raw_config)`` with every weight on ``device`` in ``dtype``.
 
     ``folder`` is a Hugging Face safetensors folder or a packed one (``moetier convert``), told
     apart by the packed index. ``verify``: check every region's checksum (packed folders; sizes
-    are always checked).
+    are always checked). ``experts=False`` leaves the routed experts unloaded (on the meta
+    device), for the expert store to serve.
     """
     folder = Path(folder)
     family, args, raw = load_args(folder)
     device = torch.device(device)
+    with torch.device("meta"):
+        model = family.build(args)
+    expected = {n: p for n, p in model.named_parameters() if experts or not is_expert_param(n)}
     if is_packed(folder):
         with PackedCheckpoint(folder) as ckpt:
             dtype = parse_dtype(dtype) or ckpt.dtype
-            with torch.device("meta"):
-                model = family.build(args)
-            expected = dict(model.named_parameters())
             state = ckpt.load_state(family.weights, expected, device, dtype, verify=verify)
     else:
         with SafetensorsReader(folder) as reader:
             dtype = parse_dtype(dtype) or checkpoint_dtype(raw, reader)
-            with torch.device("meta"):
-                model = family.build(args)
-            expected = dict(model.named_parameters())
             state = _collect(reader, family, args, expected, device, dtype)
     missing = [n for n in expected if n not in state]
     if args.tie_word_embeddings and "lm_head.weight" in missing:
@@ -114,6 +112,11 @@ def load_model(
     model.tie_weights()
     model.eval()
     return model, args, raw
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether ``name`` is a layer's stacked routed-expert weights."""
+    return name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
 
 
 def _collect(reader, family, args, expected, device, dtype) -> dict[str, torch.Tensor]:

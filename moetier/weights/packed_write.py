@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import zlib
@@ -26,6 +25,7 @@ import torch
 from .. import __version__
 from ..errors import CheckpointError, MoetierError
 from ..models.weights_map import ExpertPiece, layer_index
+from ..units import parse_size
 from .loader import _check_shape, checkpoint_dtype, load_args, parse_dtype
 from .packed import ALIGN, FORMAT, INDEX_NAME, VERSION, _bar, dtype_name, is_packed
 from .direct_io import round_up
@@ -36,19 +36,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_FILE_SIZE = 2 << 30
 # files that hold weights in some format; everything else at the top of the folder is copied
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(value: str | int) -> int:
-    """``"2GiB"``, ``"500MB"``, ``"64k"``, ``123`` -> bytes (k/KB, M/MB... powers of 1000; KiB, MiB... of 1024)."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read {value!r} as a size; write e.g. 2GiB, 500MB or 1048576")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 @dataclass
