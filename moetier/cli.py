@@ -24,6 +24,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight and activation dtype (default: the checkpoint's own)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
+    g = p.add_argument_group("memory (offloading)", "Give a budget to keep only the dense weights resident and "
+                             "serve the routed experts from disk through a cache; output is unchanged.")
+    g.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="all the engine may hold on --device: weights, KV and expert cache (e.g. 6GiB)")
+    g.add_argument("--host-memory", default=None, metavar="SIZE",
+                   help="host tier budget; on --device cpu the RAM budget when --device-memory is not given")
+    g.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="where the packed copy of an HF folder and the trace library go "
+                        "(default: a per-model folder under ~/.cache/moetier)")
+    g.add_argument("--cache-policy", default="activation", choices=["activation", "lru", "lfu"],
+                   help="expert cache replacement policy (default: activation)")
+    g.add_argument("--prefetch", default="trace", choices=["trace", "lookahead", "none"],
+                   help="predict coming experts from the trace library, the next layer's router, or not at all "
+                        "(default: trace)")
+    g.add_argument("--stats", action="store_true", help="print a one-line expert-cache summary at the end")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +62,21 @@ def _sampling(args):
 def _llm(args):
     from .llm import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+               device_memory=args.device_memory, host_memory=args.host_memory, offload_dir=args.offload_dir,
+               cache_policy=args.cache_policy, prefetch=args.prefetch)
+
+
+def _print_stats(llm, args) -> None:
+    s = llm.stats()
+    if not args.stats:
+        return
+    if not s:
+        print("[stats] all experts resident", file=sys.stderr)
+        return
+    print(f"[stats] expert hits {s['hits']} misses {s['misses']} (hit rate {s['hit_rate']}), prefetch hits "
+          f"{s['prefetch_hits']}/{s['prefetched']}, read {s['bytes_disk_to_host'] / 2**20:.1f} MiB from disk, "
+          f"{s['bytes_host_to_device'] / 2**20:.1f} MiB to device, stalled {s['stall_s']:.2f} s", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
@@ -62,14 +91,15 @@ def cmd_generate(args) -> int:
         raise MoetierError("this model folder has no tokenizer, so it cannot take a text prompt")
     if not args.chat:
         sys.stdout.write(args.prompt)
-    t0, n = time.perf_counter(), 0
+    t0 = time.perf_counter()
     for piece in llm.stream(prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
-        n += 1
     sys.stdout.write("\n")
     dt = time.perf_counter() - t0
     print(f"[{dt:.2f} s]", file=sys.stderr)
+    _print_stats(llm, args)
+    llm.close()
     return 0
 
 

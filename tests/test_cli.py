@@ -50,3 +50,18 @@ def test_bad_model_is_a_clear_error(tmp_path):
     assert r.returncode == 1
     assert "moetier: error:" in r.stderr and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_generate_offloaded_prints_stats_and_same_text(ckpt, tmp_path):
+    base = run("generate", "--model", str(ckpt), "--prompt", "abc", "--max-tokens", "8", "--ignore-eos")
+    r = run("generate", "--model", str(ckpt), "--prompt", "abc", "--max-tokens", "8", "--ignore-eos",
+            "--device-memory", "1GiB", "--offload-dir", str(tmp_path), "--cache-policy", "lru", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == base.stdout
+    assert "[stats] expert hits" in r.stderr and "misses" in r.stderr
+
+
+def test_too_small_budget_is_a_clear_cli_error(ckpt, tmp_path):
+    r = run("generate", "--model", str(ckpt), "--prompt", "abc", "--device-memory", "1KiB",
+            "--offload-dir", str(tmp_path))
+    assert r.returncode == 1 and "give at least" in r.stderr and "Traceback" not in r.stderr
