@@ -47,15 +47,30 @@ IDS2 = [9, 31, 2, 77, 54, 110, 8]
 GREEDY_TOKENS = 20
 
 
+_BUILT: dict = {}
+
+
+def _build(name: str, layout: str, tmp_path_factory) -> dict:
+    """A checkpoint, the model loaded from it, and transformers' logits for IDS (built once)."""
+    if (name, layout) not in _BUILT:
+        model_type, config = CONFIGS[name]
+        folder = make_checkpoint(tmp_path_factory.mktemp(f"{name}_{layout}"), model_type, config,
+                                 fused=layout == "fused", shard_size="40KB" if layout == "sharded" else None)
+        model, args, _ = load_model(folder, dtype="float32")
+        _BUILT[(name, layout)] = dict(name=name, layout=layout, path=folder, model=model, args=args,
+                                      ref=reference_logits(folder, IDS))
+    return _BUILT[(name, layout)]
+
+
 @pytest.fixture(scope="module", params=CASES, ids=[f"{c}-{layout}" for c, layout in CASES])
 def case(request, tmp_path_factory):
-    """A checkpoint, the model loaded from it, and transformers' logits for IDS."""
-    name, layout = request.param
-    model_type, config = CONFIGS[name]
-    folder = make_checkpoint(tmp_path_factory.mktemp(f"{name}_{layout}"), model_type, config,
-                             fused=layout == "fused", shard_size="40KB" if layout == "sharded" else None)
-    model, args, _ = load_model(folder, dtype="float32")
-    return dict(name=name, layout=layout, path=folder, model=model, args=args, ref=reference_logits(folder, IDS))
+    return _build(*request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def hub_case(request, tmp_path_factory):
+    """One layout per config is enough for what does not depend on the layout."""
+    return _build(request.param, "hub", tmp_path_factory)
 
 
 def test_layout_is_what_it_claims(case):
@@ -113,10 +128,9 @@ def test_greedy_continuation_identical(case):
     assert out[0].outputs[0].token_ids == reference_greedy(case["path"], IDS, GREEDY_TOKENS)
 
 
-def test_batched_greedy_identical(case):
+def test_batched_greedy_identical(hub_case):
     """Two prompts of different lengths decoded together: experts see tokens of both."""
-    if case["layout"] != "hub":
-        pytest.skip("one layout per config is enough for batching")
+    case = hub_case
     llm = LLM(case["path"], dtype="float32")
     params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0, ignore_eos=True)
     out = llm.generate([{"prompt_token_ids": IDS}, {"prompt_token_ids": IDS2}], params, use_tqdm=False)
@@ -124,13 +138,12 @@ def test_batched_greedy_identical(case):
     assert out[1].outputs[0].token_ids == reference_greedy(case["path"], IDS2, GREEDY_TOKENS)
 
 
-def test_bfloat16_close_to_transformers_bfloat16(case):
+def test_bfloat16_close_to_transformers_bfloat16(hub_case):
     """bf16 keeps ~3 significant digits and can flip a near-tied expert (qwen2_mlp_only does,
     at token 6, in transformers too), so compare with transformers run in bf16, coarsely."""
     from transformers import AutoModelForCausalLM
 
-    if case["layout"] != "hub":
-        pytest.skip("dtype conversion does not depend on the layout")
+    case = hub_case
     model, _, _ = load_model(case["path"], dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     ours = moetier_logits(model, IDS, split=6)
