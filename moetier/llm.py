@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence as Seq, Union
+from typing import Iterator, Optional, Sequence as Seq, Union
 
 import torch
 
@@ -19,6 +20,10 @@ from .units import parse_size
 from .weights.loader import load_model
 
 PromptType = Union[str, dict, list[int]]
+MODES = ("auto", "latency", "throughput")
+THROUGHPUT_MIN_SEQS = 64  # mode="auto": this many sequences or more go to the throughput runner
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -64,6 +69,11 @@ class LLM:
             device_memory = host_memory  # on the CPU the host is the device: one RAM budget
         offload = None
         self.memory: dict = {}
+        # the RAM (CPU) / device budget the throughput planner splits between expert slots and KV
+        self._budget = parse_size(device_memory) if device_memory is not None else None
+        self.machine_profile = None  # MachineProfile: measured (or read from its cache) on first throughput run
+        self.last_run: Optional[dict] = None  # plan and measurements of the last throughput run
+        self._planner_inputs: Optional[dict] = None
         if device_memory is not None or expert_slots is not None:
             from .experts.setup import attach_offload, ensure_packed, kv_bytes_per_token
             from .weights.loader import parse_dtype
@@ -128,12 +138,43 @@ class LLM:
 
     def generate(self, prompts: Union[PromptType, Seq[PromptType]],
                  sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, mode: str = "auto", plan=None) -> list[RequestOutput]:
         """Generate completions for every prompt; returns one RequestOutput per prompt, in order.
 
-        All prompts are checked before any runs, so a bad one fails the call
-        without doing half the work.
+        ``mode``: ``"latency"`` runs the prompts through the engine as they come (streaming
+        order, small batches); ``"throughput"`` plans big passes over all of them (see
+        :meth:`plan`); ``"auto"`` picks throughput for 64 sequences or more. Outputs are the
+        same tokens either way. ``plan``: run in throughput mode with this plan (e.g. one from
+        :meth:`plan`, adjusted) instead of the planner's. All prompts are checked before any
+        runs, so a bad one fails the call without doing half the work.
         """
+        encoded, params_list = self._prepare(prompts, sampling_params)
+        if plan is not None or self._pick_mode(mode, params_list) == "throughput":
+            outputs: list = [None] * len(encoded)
+            for i, out in self._run_throughput(encoded, params_list, use_tqdm, plan):
+                outputs[i] = out
+            return outputs
+        return self._run(encoded, params_list, use_tqdm)
+
+    def iter_generate(self, prompts: Seq[PromptType],
+                      sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
+                      mode: str = "throughput", use_tqdm: bool = False, plan=None
+                      ) -> Iterator[tuple[int, RequestOutput]]:
+        """Like :meth:`generate`, but yield ``(index, output)`` for each request as soon as it finishes."""
+        encoded, params_list = self._prepare(prompts, sampling_params)
+        if plan is not None or self._pick_mode(mode, params_list) == "throughput":
+            yield from self._run_throughput(encoded, params_list, use_tqdm, plan)
+            return
+        for i, out in enumerate(self._run(encoded, params_list, use_tqdm)):
+            yield i, out
+
+    def plan(self, prompts: Seq[PromptType], sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None):
+        """The throughput plan for these prompts (:class:`~moetier.runtime.planner.Plan`;
+        ``plan(...).explain()`` prints it with its predicted tokens/s)."""
+        encoded, params_list = self._prepare(prompts, sampling_params)
+        return self._plan_for(self._sequences(encoded, params_list)[1])
+
+    def _prepare(self, prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -143,7 +184,15 @@ class LLM:
         encoded = [self._prompt_ids(p) for p in prompts]
         for _, ids in encoded:
             self.engine.check_prompt(ids)
-        return self._run(encoded, params_list, use_tqdm)
+        return encoded, params_list
+
+    @staticmethod
+    def _pick_mode(mode: str, params_list: list[SamplingParams]) -> str:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "auto":
+            return "throughput" if sum(p.n for p in params_list) >= THROUGHPUT_MIN_SEQS else "latency"
+        return mode
 
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
@@ -192,9 +241,93 @@ class LLM:
         return outputs
 
 
-def _progress(total: int, enabled: bool):
+    # -- throughput mode ----------------------------------------------------------------------------
+
+    def _sequences(self, encoded, params_list) -> tuple[list[RequestOutput], list]:
+        from .runtime.sequence import make_sequences
+
+        outputs, seqs = [], []
+        for i, ((text, ids), params) in enumerate(zip(encoded, params_list)):
+            ss = make_sequences(str(i), ids, params, self.tokenizer, self.engine.max_model_len)
+            outputs.append(RequestOutput(str(i), text, ids, [s.out for s in ss]))
+            seqs.extend(ss)
+        return outputs, seqs
+
+    def _planner(self):
+        """A planner for this model, machine and memory budget (probes run once per LLM)."""
+        from .runtime.planner import (MachineProfile, ModelCost, Planner, default_kv_budget, measure_read_rate,
+                                      measure_row_cost)
+
+        e = self.engine
+        if self.machine_profile is None:
+            self.machine_profile = MachineProfile.load_or_measure(e.dtype)
+        store = e.offload.store if e.offload is not None else None
+        if self._planner_inputs is None:
+            inputs = {"row_s": measure_row_cost(self.tokenizer, self.args.vocab_size), "read_bps": None}
+            if store is not None:
+                layers, experts = e.offload.tracer.shape
+                inputs["read_bps"] = measure_read_rate(store.source, layers, experts)
+            self._planner_inputs = inputs
+        cost = ModelCost.of(self.model, store.layout if store is not None else None)
+        cost.row_s = self._planner_inputs["row_s"]
+        budget = self._budget
+        kw: dict = {}
+        if store is not None:
+            layers, experts = e.offload.tracer.shape
+            # with a budget the planner sizes the pool; with only expert_slots it keeps the user's count
+            kw = dict(slot_bytes=store.slot_bytes, min_slots=experts,
+                      max_slots=layers * experts if budget is not None else self.memory["expert_slots"],
+                      read_bps=self._planner_inputs["read_bps"])
+        return Planner(cost, self.machine_profile, budget=budget,
+                       kv_budget=None if budget is not None else default_kv_budget(e.device),
+                       overlap=1.0 if e.device.type == "cuda" else 0.0, **kw)
+
+    def _plan_for(self, seqs, planner=None):
+        from .runtime.planner import Job
+
+        planner = planner or self._planner()
+        limit = self.engine.max_model_len
+        job = Job([len(s.prompt_ids) for s in seqs],
+                  [min(s.params.max_tokens or limit, limit - len(s.prompt_ids)) for s in seqs], limit)
+        return planner.plan(job)
+
+    def _run_throughput(self, encoded, params_list, use_tqdm: bool, plan=None) -> Iterator[tuple[int, RequestOutput]]:
+        from .runtime.throughput import ThroughputRunner
+
+        outputs, seqs = self._sequences(encoded, params_list)
+        planner = self._planner()
+        plan = plan or self._plan_for(seqs, planner)
+        log.info("%s", plan.explain())
+        runner = ThroughputRunner(self.engine, planner)
+        left = [p.n for p in params_list]
+        done = 0
+        bar = _progress(len(outputs), use_tqdm, "Generating (throughput)")
+        passes = runner.run(seqs, plan)
+        try:
+            for finished in passes:
+                for s in finished:
+                    i = int(s.request_id)
+                    left[i] -= 1
+                    if left[i] == 0:
+                        done += 1
+                        yield i, outputs[i]
+                if bar is not None:
+                    bar.update(done - bar.n)
+                    bar.set_postfix_str(f"{runner.report.tok_s:.1f} tok/s (predicted {plan.predicted_tok_s:.1f})",
+                                        refresh=False)
+        finally:
+            passes.close()  # an early exit stops the run and restores the expert store
+            if bar is not None:
+                bar.close()
+            self.last_run = {"plan": {k: v for k, v in plan.as_dict().items() if k in (
+                "max_seqs", "prefill_tokens", "kv_budget", "expert_slots", "predicted_tok_s", "predicted_s",
+                "passes", "memory", "moved_bytes_per_pass")}, **runner.report.as_dict()}
+            log.info("throughput run: %s", runner.report.summary())
+
+
+def _progress(total: int, enabled: bool, desc: str = "Generating"):
     if not enabled or total < 2:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True)

@@ -19,30 +19,13 @@ from moetier.weights.packed import ALIGN, INDEX_NAME, PackedCheckpoint, is_packe
 from moetier.weights.direct_io import aligned_buffer
 from moetier.units import parse_size
 from moetier.weights.packed_write import convert
-from tiny import add_char_tokenizer, make_checkpoint, moetier_logits
+from tiny import FAMILY_CONFIGS, add_char_tokenizer, make_checkpoint, moetier_logits
 
-COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256)
 FAMILIES = {
-    "mixtral": dict(COMMON, intermediate_size=96, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
+    **FAMILY_CONFIGS,
     # gate_up rows of 40 x 48 x 4 bytes: padding inside each expert region, unaligned expert slices
-    "mixtral-odd": dict(COMMON, hidden_size=48, intermediate_size=20, num_hidden_layers=2, num_local_experts=3,
-                        num_experts_per_tok=2),
-    "qwen2_moe": dict(COMMON, num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=48, num_experts=6, num_experts_per_tok=2,
-                      decoder_sparse_step=1, mlp_only_layers=[1]),
-    "qwen3_moe": dict(COMMON, num_hidden_layers=2, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
-                      num_experts=6, num_experts_per_tok=2, norm_topk_prob=True),
-    "olmoe": dict(COMMON, num_hidden_layers=2, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                  clip_qkv=1.2, eos_token_id=None, pad_token_id=0),
-    "deepseek_v2": dict(COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
-                        num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=8, topk_method="greedy"),
-    "deepseek_v3": dict(COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
-                        num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1),
+    "mixtral-odd": dict(FAMILY_CONFIGS["mixtral"], hidden_size=48, intermediate_size=20, num_hidden_layers=2,
+                        num_local_experts=3, num_experts_per_tok=2),
 }
 IDS = [5, 17, 99, 3, 42, 42, 7, 120, 64, 1, 88, 23]
 

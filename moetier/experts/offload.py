@@ -13,7 +13,6 @@ import torch
 from ..models.moe import ExpertsBase
 from .prefetch import Prefetcher
 from .store import ExpertStore
-from .trace import TraceLibrary
 
 
 class ExpertTracer:

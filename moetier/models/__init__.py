@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .weights_map import WeightMap
 
 _REGISTRY = {
     "mixtral": "mixtral",
@@ -28,7 +31,7 @@ class Family:
 
     args: type  # a BaseModelArgs subclass
     build: Callable  # args -> CausalLM (called under the meta device)
-    weights: "WeightMap"  # noqa: F821
+    weights: "WeightMap"
 
 
 def supported_model_types() -> list[str]:

@@ -119,15 +119,20 @@ def is_expert_param(name: str) -> bool:
     return name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
 
 
-def _collect(reader, family, args, expected, device, dtype) -> dict[str, torch.Tensor]:
-    """Read every tensor the model expects, checking shapes, stacking per-expert pieces."""
-    state: dict[str, torch.Tensor] = {}
-    pieces: dict[str, list[tuple[ExpertPiece, str]]] = {}
+def mapped_names(reader: SafetensorsReader, family: Family, args: BaseModelArgs):
+    """``(checkpoint name, moetier name or ExpertPiece)`` for each tensor of the decoder layers."""
     for hf_name in reader.names():
         li = layer_index(hf_name)
         if li is not None and li >= args.num_hidden_layers:
             continue  # e.g. DeepSeek-V3 multi-token-prediction layers, not used for decoding
-        name = family.weights.translate(hf_name)
+        yield hf_name, family.weights.translate(hf_name)
+
+
+def _collect(reader, family, args, expected, device, dtype) -> dict[str, torch.Tensor]:
+    """Read every tensor the model expects, checking shapes, stacking per-expert pieces."""
+    state: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[tuple[ExpertPiece, str]]] = {}
+    for hf_name, name in mapped_names(reader, family, args):
         if isinstance(name, ExpertPiece):
             pieces.setdefault(name.target, []).append((name, hf_name))
             continue

@@ -26,7 +26,7 @@ from .. import __version__
 from ..errors import CheckpointError, MoetierError
 from ..models.weights_map import ExpertPiece, layer_index
 from ..units import parse_size
-from .loader import _check_shape, checkpoint_dtype, load_args, parse_dtype
+from .loader import _check_shape, checkpoint_dtype, is_expert_param, load_args, mapped_names, parse_dtype
 from .packed import ALIGN, FORMAT, INDEX_NAME, VERSION, _bar, dtype_name, is_packed
 from .direct_io import round_up
 from .safetensors import SafetensorsReader
@@ -58,10 +58,6 @@ class _ExpertLayer:
         return None if None in names else names
 
 
-def _is_expert_param(name: str) -> bool:
-    return name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
-
-
 def _plan(reader: SafetensorsReader, family, args, expected: dict) -> tuple[dict[str, str], list[_ExpertLayer]]:
     """Map checkpoint tensors onto the model's parameters: ``(dense name -> checkpoint name, expert layers)``."""
     dense: dict[str, str] = {}
@@ -74,11 +70,7 @@ def _plan(reader: SafetensorsReader, family, args, expected: dict) -> tuple[dict
             layers[prefix] = _ExpertLayer(prefix, layer_index(prefix + "."), gu[0], gu[1:], dn[1:])
         return layers[prefix]
 
-    for hf_name in reader.names():
-        li = layer_index(hf_name)
-        if li is not None and li >= args.num_hidden_layers:
-            continue  # e.g. DeepSeek-V3 multi-token-prediction layers, not used for decoding
-        name = family.weights.translate(hf_name)
+    for hf_name, name in mapped_names(reader, family, args):
         if isinstance(name, ExpertPiece):
             if name.target not in expected:
                 log.debug("ignoring expert tensor %s", hf_name)
@@ -97,7 +89,7 @@ def _plan(reader: SafetensorsReader, family, args, expected: dict) -> tuple[dict
             log.debug("ignoring checkpoint tensor %s", hf_name)
             continue
         _check_shape(reader, hf_name, reader.shape(hf_name), tuple(expected[name].shape))
-        if _is_expert_param(name):
+        if is_expert_param(name):
             layer_of(name).fused[name.rsplit(".", 1)[1]] = hf_name
         else:
             dense[name] = hf_name
