@@ -102,13 +102,7 @@ class ExpertStore:
         self.policy = policy
         self.num_slots = num_slots
         self.slot_bytes = self.layout.slot_bytes
-        if self.device.type == "cpu":  # page-aligned, so disk reads can go straight into a slot (O_DIRECT)
-            from ..weights.direct_io import aligned_buffer
-
-            self._pool = aligned_buffer(num_slots * self.slot_bytes).view(num_slots, self.slot_bytes)
-        else:
-            self._pool = torch.empty((num_slots, self.slot_bytes), dtype=torch.uint8, device=self.device)
-        self._views = [self.layout.views(self._pool[i]) for i in range(num_slots)]
+        self._alloc(num_slots)
         self._lock = threading.Lock()
         self._slot_of: dict[Key, int] = {}  # resident or loading
         self._loading: dict[Key, Future] = {}
@@ -125,6 +119,39 @@ class ExpertStore:
             self._events: dict[Key, torch.cuda.Event] = {}
             self._released: Optional[torch.cuda.Event] = None  # compute finished with released slots
 
+    def _alloc(self, num_slots: int) -> None:
+        if self.device.type == "cpu":  # page-aligned, so disk reads can go straight into a slot (O_DIRECT)
+            from ..weights.direct_io import aligned_buffer
+
+            self._pool = aligned_buffer(num_slots * self.slot_bytes).view(num_slots, self.slot_bytes)
+        else:
+            self._pool = torch.empty((num_slots, self.slot_bytes), dtype=torch.uint8, device=self.device)
+        self._views = [self.layout.views(self._pool[i]) for i in range(num_slots)]
+
+    def resize(self, num_slots: int) -> None:
+        """Replace the pool by an empty one of ``num_slots`` slots (a runner that plans its own
+        memory split, e.g. throughput mode trading expert slots for KV cache). No layer may hold
+        experts; loads in flight are waited for; the old pool is freed before the new one exists."""
+        with self._lock:
+            if self._in_use:
+                raise RuntimeError("cannot resize the expert store while a layer holds experts")
+            pending = list(self._loading.values())
+        wait(pending)
+        with self._lock:
+            for k in self._slot_of:
+                self.policy.forget(k)
+            self._slot_of.clear()
+            self._loading.clear()
+            self._protected.clear()
+            self._from_prefetch.clear()
+            if self._cuda:
+                self._events.clear()
+                self._released = None
+            self._pool = self._views = None
+            self._alloc(num_slots)
+            self.num_slots = num_slots
+            self._free = list(range(num_slots - 1, -1, -1))
+
     @property
     def nbytes(self) -> int:
         """Bytes the store holds on its device (its whole slot pool)."""
@@ -139,8 +166,8 @@ class ExpertStore:
     def _load(self, key: Key, slot: int) -> None:
         """Worker thread: bring ``key`` into ``slot``."""
         n = self.layout.nbytes
-        if not self._cuda:
-            self.source.read_into(key[0], key[1], self._pool[slot, :n])
+        if not self._cuda:  # the whole (4 KiB-rounded) slot: one O_DIRECT read, no buffered tail
+            self.source.read_into(key[0], key[1], self._pool[slot])
             self.stats.bytes_disk_to_host += n
             return
         staging = getattr(self._staging, "buf", None)
@@ -148,7 +175,7 @@ class ExpertStore:
             from ..weights.direct_io import aligned_buffer
 
             staging = self._staging.buf = aligned_buffer(self.slot_bytes, pin=True)
-        self.source.read_into(key[0], key[1], staging[:n])
+        self.source.read_into(key[0], key[1], staging)
         self.stats.bytes_disk_to_host += n
         with torch.cuda.stream(self._stream):
             if self._released is not None:  # the slot's previous expert may still be read by compute
