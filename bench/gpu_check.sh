@@ -11,3 +11,8 @@ export PYTHONPATH=$PWD:$PWD/tests
 timeout 300 python3 -m pytest -q tests/test_cuda.py tests/test_parity_mixtral.py -x > "$OUT/tests.txt" 2>&1
 echo "tests rc=$?" >> "$OUT/tests.txt"
 tail -3 "$OUT/tests.txt"
+# throughput runner (issue 6) with a device budget of half the model: experts streamed from the packed file
+timeout 420 python3 bench/throughput.py --device cuda --parts b --threads 8 --prompts 512 --new-tokens 64 \
+  --dir /tmp/moetier-bench-throughput > "$OUT/throughput.jsonl" 2> "$OUT/throughput.err"
+echo "throughput rc=$?" >> "$OUT/throughput.err"
+tail -1 "$OUT/throughput.jsonl"

@@ -122,6 +122,34 @@ def cmd_eval(args) -> int:
             print(f"{'ok ' if c == it.answer else 'BAD'} {it.prompt!r} -> {c!r} (want {it.answer!r})", file=sys.stderr)
     report = {"model": args.model, "task": args.task, **result, "seconds": round(time.perf_counter() - t0, 2)}
     print(json.dumps(report, indent=None if args.quiet else 2))
+    _print_stats(llm, args)
+    llm.close()
+    return 0
+
+
+def cmd_batch(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .batch_file import run_batch
+
+    if not Path(args.input).exists():  # before the model loads
+        raise FileNotFoundError(f"{args.input}: no such input file")
+    llm = _llm(args)
+    try:
+        summary = run_batch(llm, args.input, args.output, model=args.model, explain=args.explain,
+                            use_tqdm=not args.quiet)
+    finally:
+        llm.close()
+    if args.explain:
+        print(summary.pop("plan"))
+    elif summary.get("run"):
+        r = summary["run"]
+        print(f"[batch] {summary['written']} results appended to {args.output} ({summary['errors']} errors, "
+              f"{summary['already_done']} already there); {r['generated_tokens']} tokens in {r['seconds']:.1f} s: "
+              f"{r['measured_tok_s']:.1f} tok/s measured, {r['predicted_tok_s']:.1f} predicted", file=sys.stderr)
+    print(json.dumps(summary if not args.quiet else {k: v for k, v in summary.items() if k != "run"}))
+    _print_stats(llm, args)
     return 0
 
 
@@ -187,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print every completion to stderr")
     p.add_argument("--quiet", action="store_true", help="no progress bar; one-line JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "batch", help="run an OpenAI Batch API file (JSONL) offline, in throughput mode",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every request of --input, an OpenAI Batch API file (one\n"
+                    '{"custom_id", "method": "POST", "url": "/v1/chat/completions" or "/v1/completions", "body"}\n'
+                    "per line), in big planned passes, appending one result line per request to --output as\n"
+                    "it finishes. Re-running with the same --output skips the custom_ids already there, so an\n"
+                    "interrupted job resumes where it stopped. A malformed line gets an error entry.")
+    _add_model_args(p)
+    p.add_argument("--input", required=True, metavar="FILE", help="requests, JSONL")
+    p.add_argument("--output", required=True, metavar="FILE", help="results, JSONL (appended to; resumed from)")
+    p.add_argument("--explain", action="store_true",
+                   help="print the throughput plan (batch sizes, memory split, predicted tokens/s) and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser(
         "convert", help="write a checkpoint in moetier's packed format (fast loads), or verify one",

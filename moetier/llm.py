@@ -196,11 +196,11 @@ class LLM:
 
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Generate replies to one conversation (a list of messages) or to several."""
+             use_tqdm: bool = True, add_generation_prompt: bool = True, mode: str = "auto") -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or to several (``mode``: as in generate)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": chat_prompt(self.tokenizer, c, add_generation_prompt)} for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, mode=mode)
 
     def stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:
         """Yield the text of one completion piece by piece as it is generated."""
@@ -255,18 +255,22 @@ class LLM:
 
     def _planner(self):
         """A planner for this model, machine and memory budget (probes run once per LLM)."""
-        from .runtime.planner import (MachineProfile, ModelCost, Planner, default_kv_budget, measure_read_rate,
-                                      measure_row_cost)
+        from .runtime.machine import MachineProfile, measure_row_cost, measure_transfer
+        from .runtime.planner import ModelCost, Planner, default_kv_budget
 
         e = self.engine
         if self.machine_profile is None:
-            self.machine_profile = MachineProfile.load_or_measure(e.dtype)
+            self.machine_profile = MachineProfile.load_or_measure(e.dtype, device=e.device)
         store = e.offload.store if e.offload is not None else None
         if self._planner_inputs is None:
-            inputs = {"row_s": measure_row_cost(self.tokenizer, self.args.vocab_size), "read_bps": None}
+            inputs = {"row_s": measure_row_cost(self.tokenizer, self.args.vocab_size), "read_bps": None,
+                      "overlap": 1.0 if e.device.type == "cuda" else 0.0}
             if store is not None:
                 layers, experts = e.offload.tracer.shape
-                inputs["read_bps"] = measure_read_rate(store.source, layers, experts)
+                read_bps, overlap = measure_transfer(store.source, layers, experts, e.dtype)
+                inputs["read_bps"] = read_bps
+                if e.device.type != "cuda":  # on a GPU the copy engine overlaps; on the CPU it is measured
+                    inputs["overlap"] = overlap
             self._planner_inputs = inputs
         cost = ModelCost.of(self.model, store.layout if store is not None else None)
         cost.row_s = self._planner_inputs["row_s"]
@@ -280,7 +284,7 @@ class LLM:
                       read_bps=self._planner_inputs["read_bps"])
         return Planner(cost, self.machine_profile, budget=budget,
                        kv_budget=None if budget is not None else default_kv_budget(e.device),
-                       overlap=1.0 if e.device.type == "cuda" else 0.0, **kw)
+                       overlap=self._planner_inputs["overlap"], **kw)
 
     def _plan_for(self, seqs, planner=None):
         from .runtime.planner import Job

@@ -1,0 +1,392 @@
+"""The throughput planner: a cost model of one model on this machine, and the plan with the best
+predicted tokens/s.
+
+Given the machine's rates (:class:`~moetier.runtime.machine.MachineProfile`),
+:class:`ModelCost` predicts the time of one forward pass from the model's sizes:
+each dense matmul as ``FLOPs / matmul rate + weight bytes / streaming rate``,
+the routed experts the same way for the experts a pass of ``T`` tokens is
+expected to hit, attention from the query-key pairs and cached keys of the
+pass's sequences, a fixed cost per attention call and per op, per-token sampling
+work, and the expert bytes read from where the experts rest, overlapped with
+compute. :class:`Planner` searches sequences per pass, prefill tokens per pass
+and (when experts are offloaded under a memory budget) the split of that budget
+between expert slots and KV cache, and keeps the plan with the best predicted
+tokens/s that fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import MoetierError
+from ..units import fmt_size
+from .machine import MachineProfile
+
+CHUNKS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # prompt tokens per pass the planner tries
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class PassShape:
+    """What one forward pass holds (sums over the pass's sequences)."""
+
+    tokens: float  # T: tokens fed
+    rows: float  # tokens sampled (sequences whose prompt is complete)
+    seqs: float  # sequences in the pass (attention calls per layer)
+    pairs: float  # sum of n_i x (start_i + n_i): query-key pairs
+    ctx: float  # sum of start_i + n_i: cached keys read per layer
+
+
+@dataclass
+class ModelCost:
+    """Sizes of one model that set its time per pass, read from its modules."""
+
+    linears: list[int]  # parameter count of each dense matmul per pass (routers and shared experts included)
+    head: int  # LM head parameters (applied to sampled rows only)
+    moe_layers: int
+    experts: int  # routed experts per MoE layer
+    top_k: int
+    expert_params: int  # one expert's parameters (gate, up, down)
+    layers: int
+    hidden: int
+    vocab: int
+    attn_flops_per_pair: float  # per layer, one query against one key
+    kv_bytes_per_token: int  # all layers
+    elem: int  # bytes per weight / activation element
+    dense_bytes: int  # resident weights (the experts too when they are not offloaded)
+    row_s: float = 2e-5  # per sampled token: sampler, detokenizer, stop rules (measured by the planner)
+
+    @classmethod
+    def of(cls, model, expert_layout=None) -> "ModelCost":
+        from ..experts.setup import dense_bytes, kv_bytes_per_token, moe_blocks
+        from ..models.moe import ExpertsBase
+
+        args = model.args
+        p = next(q for q in model.parameters() if q.device.type != "meta")
+        blocks = moe_blocks(model)
+        linears, head = [], model.lm_head.weight.numel()
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and m is not model.lm_head:
+                linears.append(m.weight.numel())
+            elif not isinstance(m, ExpertsBase) and hasattr(m, "top_k") and isinstance(getattr(m, "weight", None), torch.Tensor):
+                linears.append(m.weight.numel())  # a router
+        if blocks:
+            ex = blocks[0].experts
+            E, k = ex.num_experts, getattr(blocks[0].gate, "top_k", 2)
+            if expert_layout is not None:
+                per = expert_layout.gate_up[0] * expert_layout.gate_up[1] + expert_layout.down[0] * expert_layout.down[1]
+            else:
+                per = ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()
+        else:
+            E, k, per = 1, 1, 0
+        hq = args.num_attention_heads
+        if getattr(args, "kv_lora_rank", None):
+            dqk, dv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
+        else:
+            dqk = dv = args.head_dim
+        return cls(linears=linears, head=head, moe_layers=len(blocks), experts=E, top_k=k, expert_params=per,
+                   layers=args.num_hidden_layers, hidden=args.hidden_size, vocab=args.vocab_size,
+                   attn_flops_per_pair=2.0 * hq * (dqk + dv), kv_bytes_per_token=kv_bytes_per_token(args, p.dtype),
+                   elem=p.dtype.itemsize, dense_bytes=dense_bytes(model))
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_params * self.elem
+
+    def experts_hit(self, tokens: float) -> float:
+        """Expected distinct experts of one layer that ``tokens`` tokens route to (uniform routing)."""
+        if tokens <= 0:
+            return 0.0
+        return self.experts * (1 - (1 - self.top_k / self.experts) ** tokens)
+
+    def act_bytes(self, tokens: float, rows: float) -> int:
+        """Transient memory of a pass of ``tokens`` tokens sampling ``rows``: a layer's hidden states,
+        q/k/v, the expert gather (``k`` copies, float32 weighting), one expert's intermediates, logits."""
+        inter = self.expert_params // (3 * self.hidden) if self.hidden else 0
+        e, H, k = self.elem, self.hidden, self.top_k
+        per_token = (e * (8 * H + 3 * k * H + self.attn_flops_per_pair) + 4 * (k + 1) * H
+                     + e * 3 * inter * 2 * k / max(self.experts, 1))
+        return int(1.25 * (tokens * per_token + rows * self.vocab * 8))
+
+    def pass_time(self, s: PassShape, moved_bytes: float, prof: MachineProfile, read_bps: Optional[float],
+                  overlap: float = 1.0) -> dict:
+        """Predicted seconds of one pass, by part; ``total`` is what the pass takes."""
+        F_, W, e = prof.matmul_flops, prof.stream_bps, self.elem
+        T = s.tokens
+        # a matmul streams its weights once and does 2 x T x params FLOPs; on CPUs the two overlap
+        # poorly at the few-to-hundreds of rows a pass has, so their times add
+        dense = sum(2 * T * p / F_ + p * e / W for p in self.linears) + len(self.linears) * prof.op_s
+        experts = 0.0
+        if self.moe_layers:
+            U = self.experts_hit(T)
+            n = T * self.top_k / U if U else 0.0
+            per = 2 * n * self.expert_params / F_ + self.expert_bytes / W + 8 * prof.op_s
+            route = 16 * prof.op_s + 8 * T * self.top_k * self.hidden * e / prof.copy_bps
+            experts = self.moe_layers * (U * per + route)
+        attn = self.layers * (s.seqs * prof.attn_call_s
+                              + max(s.pairs * self.attn_flops_per_pair / prof.attn_flops,
+                                    s.ctx * self.kv_bytes_per_token / self.layers / prof.copy_bps))
+        other = self.layers * (30 * prof.op_s + 24 * T * self.hidden * e / prof.copy_bps)
+        head = (2 * s.rows * self.head / F_ + self.head * e / W if s.rows else 0.0) \
+            + s.rows * (self.row_s + 8 * self.vocab / prof.copy_bps)
+        compute = dense + experts + attn + other + head
+        transfer = moved_bytes / read_bps if moved_bytes and read_bps else 0.0
+        # expert reads run on loader threads while layers compute; ``overlap`` is the share of the
+        # compute time they can hide under (a GPU's copy engine: all of it; a CPU reading with
+        # O_DIRECT: most of it, the DMA needs little CPU; none without room to prefetch into)
+        total = compute + max(0.0, transfer - overlap * compute) if transfer else compute
+        return {"dense": dense, "experts": experts, "attention": attn, "other": other, "head_sampling": head,
+                "compute": compute, "transfer": transfer, "total": total}
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class Job:
+    """The work: each sequence's prompt length and most new tokens (a request with n > 1 counts n)."""
+
+    prompt_lens: list[int]
+    new_tokens: list[int]
+    max_len: int
+
+    @property
+    def n(self) -> int:
+        return len(self.prompt_lens)
+
+    def reserve_tokens(self, i: int) -> int:
+        """KV positions sequence ``i`` may fill: its prompt and every token it may generate."""
+        return min(self.max_len, self.prompt_lens[i] + self.new_tokens[i])
+
+
+@dataclass
+class Plan:
+    """Batch sizes and memory split of a throughput run, with the prediction that chose them."""
+
+    max_seqs: int  # most sequences in a pass
+    prefill_tokens: int  # most prompt tokens fed per pass (prompts are cut into chunks)
+    kv_budget: int  # bytes of KV cache the running sequences may reserve
+    expert_slots: Optional[int]  # slots of the expert store during the run (None: experts resident)
+    predicted_tok_s: float  # generated tokens per second over the job
+    predicted_s: float
+    passes: float
+    pass_s: dict  # the average pass, by part
+    memory: dict  # bytes: budget, dense, expert slots, KV, activations
+    moved_bytes_per_pass: float
+    profile: dict
+    job: dict
+    candidates: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def explain(self) -> str:
+        """The plan and its prediction, for a person."""
+        m, p = self.memory, self.pass_s
+        lines = [
+            f"throughput plan: {self.max_seqs} sequences per pass, {self.prefill_tokens} prompt tokens per pass"
+            + (f", {self.expert_slots} expert slots" if self.expert_slots is not None else ", experts resident"),
+            f"  job: {self.job['sequences']} sequences, prompts {self.job['prompt_tokens']} tokens "
+            f"(mean {self.job['mean_prompt']:.0f}), up to {self.job['new_tokens']} new tokens "
+            f"(mean {self.job['mean_new']:.0f})",
+            f"  memory: budget {fmt_size(m['budget']) if m['budget'] else 'none given'}; dense weights "
+            f"{fmt_size(m['dense'])}, expert slots {fmt_size(m['expert_slots'])}, KV budget {fmt_size(m['kv'])} "
+            f"({fmt_size(m['kv_per_seq'])} reserved per sequence), activations {fmt_size(m['activations'])}; "
+            f"total {fmt_size(m['total'])}",
+            f"  predicted: {self.predicted_tok_s:.1f} generated tokens/s, {self.predicted_s:.1f} s over "
+            f"{self.passes:.0f} passes of {p['total'] * 1e3:.1f} ms",
+            "  average pass: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in p.items() if k != "total"),
+        ]
+        if self.expert_slots is not None:
+            lines.append(f"  expert bytes read per pass: {fmt_size(self.moved_bytes_per_pass)} at "
+                         f"{self.profile.get('read_gb_s', 0):.2f} GB/s")
+        lines.append("  machine: " + ", ".join(f"{k} {v}" for k, v in self.profile.items()))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """Without a memory budget: half the memory available now (host RAM on the CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available) // 2
+    except ImportError:
+        return 4 << 30
+
+
+class Planner:
+    """Chooses a :class:`Plan` for a :class:`Job` on one model and machine.
+
+    ``budget``: bytes the run may hold in total (weights, expert slots, KV, activations);
+    None: the KV cache gets ``kv_budget`` (default: half the available memory).
+    Offloaded experts: ``slot_bytes`` per slot, at least ``min_slots``, at most ``max_slots``;
+    with a budget the planner also picks the slot count, else it keeps ``max_slots``.
+    """
+
+    def __init__(self, cost: ModelCost, profile: MachineProfile, budget: Optional[int] = None,
+                 kv_budget: Optional[int] = None, slot_bytes: Optional[int] = None, min_slots: int = 0,
+                 max_slots: Optional[int] = None, read_bps: Optional[float] = None, max_seqs: int = 1024,
+                 overlap: float = 0.9):
+        self.cost = cost
+        self.profile = profile
+        self.budget = budget
+        self.kv_budget = kv_budget
+        self.slot_bytes = slot_bytes
+        self.min_slots = min_slots
+        self.max_slots = max_slots
+        self.read_bps = read_bps
+        self.max_seqs = max_seqs
+        self.overlap = overlap  # see ModelCost.pass_time
+
+    @property
+    def offloaded(self) -> bool:
+        return self.slot_bytes is not None
+
+    def hidden_share(self, slots: Optional[int]) -> float:
+        """Share of the compute time expert reads can hide under: the loads of the next layer
+        start while this one computes only as far as slots beyond one layer's experts allow."""
+        E = self.cost.experts
+        return self.overlap * min(1.0, max(0, (slots or 0) - E) / E) if E else 0.0
+
+    def moved_per_pass(self, slots: Optional[int], tokens: float) -> float:
+        """Expert bytes read per pass: experts hit, less those the scan policy keeps resident."""
+        c = self.cost
+        if slots is None:
+            return 0.0
+        total = c.moe_layers * c.experts
+        hit = c.moe_layers * c.experts_hit(tokens)
+        kept = max(0, min(slots, total) - 2 * c.experts) if slots < total else total
+        return hit * (1 - kept / total) * c.expert_bytes
+
+    def _job_time(self, job: Job, B: int, C: int, slots: Optional[int]) -> tuple[float, float, PassShape, dict]:
+        """Closed-form estimate: (seconds, passes, the average pass, its parts)."""
+        n = job.n
+        P = sum(job.prompt_lens)
+        G = sum(job.new_tokens)
+        Pm, Gm = P / n, G / n
+        B = min(B, n)
+        C = max(1, C)
+        # decoding sequences per pass: B, unless prompts cannot be fed fast enough to replace leavers
+        dec = min(B, C * Gm / max(Pm, 1e-9))
+        if n <= B:
+            passes = P / C + max(job.new_tokens)
+        else:
+            passes = G / dec + dec * Pm / C + Gm / 2  # steady state, filling up, draining
+        passes = max(passes, 1.0)
+        tokens = (G + P) / passes
+        rows = G / passes
+        prefilling = min(P / passes / max(Pm, 1e-9) + 1, B) if P else 0
+        seqs = min(B, rows + prefilling)
+        ctx_dec = Pm + Gm / 2
+        pairs = (G * ctx_dec + sum(p * (p + min(p, C)) / 2 for p in job.prompt_lens)) / passes
+        ctx = rows * ctx_dec + prefilling * Pm
+        shape = PassShape(tokens=tokens, rows=rows, seqs=seqs, pairs=pairs, ctx=ctx)
+        parts = self.cost.pass_time(shape, self.moved_per_pass(slots, tokens), self.profile, self.read_bps,
+                                    self.hidden_share(slots))
+        return passes * parts["total"], passes, shape, parts
+
+    def plan(self, job: Job) -> Plan:
+        """The plan with the best predicted generated tokens/s that fits the memory budgets."""
+        c = self.cost
+        if job.n == 0:
+            raise MoetierError("nothing to plan: no sequences")
+        reserve = [job.reserve_tokens(i) * c.kv_bytes_per_token for i in range(job.n)]
+        biggest, mean_reserve = max(reserve), sum(reserve) / job.n
+        slot_options: list[Optional[int]] = [None]
+        if self.offloaded:
+            if self.budget is None:
+                slot_options = [self.max_slots]
+            else:
+                room = (self.budget - c.dense_bytes - biggest - c.act_bytes(CHUNKS[0] + 1, 1)) // self.slot_bytes
+                hi = min(self.max_slots or room, room)
+                if hi < self.min_slots:
+                    raise MoetierError(
+                        f"the memory budget {fmt_size(self.budget)} is too small for throughput mode: dense weights "
+                        f"{fmt_size(c.dense_bytes)}, {self.min_slots} expert slots "
+                        f"{fmt_size(self.min_slots * self.slot_bytes)}, one sequence's KV {fmt_size(biggest)} and "
+                        f"the activations of a {CHUNKS[0]}-token pass {fmt_size(c.act_bytes(CHUNKS[0] + 1, 1))}")
+                lo = self.min_slots
+                slot_options = sorted({lo, hi, *(lo + (hi - lo) * i // 8 for i in range(1, 8)),
+                                       *(s for s in (2 * c.experts, 3 * c.experts) if lo <= s <= hi)})
+        best = None
+        tried = 0
+        for slots in slot_options:
+            for C in CHUNKS:
+                kv = self._kv_room(slots, C)
+                if kv < biggest:
+                    continue
+                b_max = int(min(self.max_seqs, job.n, kv // mean_reserve))
+                Bs = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < b_max} | {b_max})
+                for B in Bs:
+                    kvB = self._kv_room(slots, C, B)
+                    if kvB < max(biggest, B * mean_reserve if B < job.n else sum(reserve)):
+                        continue
+                    secs, passes, shape, parts = self._job_time(job, B, C, slots)
+                    tried += 1
+                    rate = sum(job.new_tokens) / secs
+                    # within 2% of the best, prefer fewer bytes read per pass (reads are never quite
+                    # free), then less memory (fewer sequences, smaller chunks: visited first)
+                    moved = self.moved_per_pass(slots, shape.tokens)
+                    if best is None or rate > best[0] * 1.02 or (rate >= best[0] / 1.02 and moved < best[-1] * 0.98):
+                        best = (rate, B, C, slots, kvB, secs, passes, shape, parts, moved)
+        if best is None:
+            raise MoetierError(
+                f"the memory budget is too small for throughput mode: one sequence needs {fmt_size(biggest)} of KV "
+                f"cache (prompt + max_tokens), more than the {fmt_size(max(0, self._kv_room(slot_options[0], CHUNKS[0])))} "
+                f"left after the weights" + (" and expert slots" if self.offloaded else ""))
+        rate, B, C, slots, kv, secs, passes, shape, parts, _ = best
+        act = c.act_bytes(B + C, B)
+        kv_budget = kv
+        memory = {"budget": self.budget, "dense": c.dense_bytes,
+                  "expert_slots": (slots or 0) * (self.slot_bytes or 0), "kv": kv_budget, "kv_per_seq": int(mean_reserve),
+                  "activations": act}
+        memory["total"] = memory["dense"] + memory["expert_slots"] + kv_budget + act
+        prof = self.profile
+        profile = {"matmul_gflop_s": round(prof.matmul_flops / 1e9, 1), "stream_gb_s": round(prof.stream_bps / 1e9, 2),
+                   "copy_gb_s": round(prof.copy_bps / 1e9, 2), "attn_call_us": round(prof.attn_call_s * 1e6, 1),
+                   "op_us": round(prof.op_s * 1e6, 2), "row_us": round(c.row_s * 1e6, 1), "threads": prof.threads}
+        if self.read_bps:
+            profile["read_gb_s"] = round(self.read_bps / 1e9, 2)
+            profile["read_overlap"] = round(self.overlap, 2)
+        jobd = {"sequences": job.n, "prompt_tokens": sum(job.prompt_lens), "new_tokens": sum(job.new_tokens),
+                "mean_prompt": sum(job.prompt_lens) / job.n, "mean_new": sum(job.new_tokens) / job.n}
+        notes = []
+        if any(t >= job.max_len - p for p, t in zip(job.prompt_lens, job.new_tokens)):
+            notes.append("some sequences have no max_tokens below the context: KV is reserved up to max_model_len")
+        notes.append("the prediction assumes every sequence runs to max_tokens (EOS and stop strings end some sooner)")
+        return Plan(max_seqs=B, prefill_tokens=C, kv_budget=kv_budget, expert_slots=slots, predicted_tok_s=rate,
+                    predicted_s=secs, passes=passes, pass_s=parts, memory=memory,
+                    moved_bytes_per_pass=self.moved_per_pass(slots, shape.tokens), profile=profile, job=jobd,
+                    candidates=tried, notes=notes)
+
+    def _kv_room(self, slots: Optional[int], C: int, B: int = 1) -> int:
+        """KV bytes that fit next to the weights, ``slots`` expert slots and a pass's activations."""
+        if self.budget is None:
+            return self.kv_budget if self.kv_budget is not None else 0
+        used = self.cost.dense_bytes + (slots or 0) * (self.slot_bytes or 0) + self.cost.act_bytes(B + C, B)
+        room = self.budget - used
+        return room if self.kv_budget is None else min(room, self.kv_budget)
+
+    def predict_passes(self, shapes: list[PassShape], slots: Optional[int]) -> float:
+        """Seconds the cost model gives to passes that actually ran (checks the model, not the plan)."""
+        return sum(self.cost.pass_time(s, self.moved_per_pass(slots, s.tokens), self.profile, self.read_bps,
+                                       self.hidden_share(slots))["total"] for s in shapes)

@@ -1,0 +1,186 @@
+"""OpenAI Batch API files: parsing, results, malformed lines, resuming after a crash, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from moetier import LLM, SamplingParams
+from moetier.batch_file import BadRequest, completed, parse_line, run_batch
+from moetier.cli import main
+from moetier.runtime.machine import MachineProfile
+from tiny import FAMILY_CONFIGS, add_char_tokenizer, make_checkpoint
+
+PROFILE = MachineProfile(matmul_flops=50e9, stream_bps=5e9, copy_bps=8e9, attn_flops=10e9, attn_call_s=3e-5,
+                         op_s=3e-6, threads=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    cfg = dict(FAMILY_CONFIGS["mixtral"], vocab_size=97, eos_token_id=1, bos_token_id=0)
+    folder = make_checkpoint(tmp_path_factory.mktemp("batch"), "mixtral", cfg)
+    add_char_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    llm = LLM(folder, dtype="float32")
+    llm.machine_profile = PROFILE
+    return llm
+
+
+def _line(cid, url="/v1/completions", **body):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny", **body}})
+
+
+def _requests(n=10):
+    lines = []
+    for i in range(n):
+        if i % 2:
+            lines.append(_line(f"chat-{i}", "/v1/chat/completions", messages=[{"role": "user", "content": "hi " * i}],
+                               max_tokens=4 + i % 3, temperature=0.8, seed=i, n=1 + i % 3 // 2))
+        else:
+            lines.append(_line(f"cmpl-{i}", prompt="abc" * (1 + i), max_tokens=5, temperature=0, stop=["zz"]))
+    return lines
+
+
+def _read(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _answers(entries):
+    """custom_id -> the texts of its choices (what must not depend on crashes and resumes)."""
+    out = {}
+    for e in entries:
+        if e["response"] is not None:
+            body = e["response"]["body"]
+            out[e["custom_id"]] = [c.get("text", c.get("message", {}).get("content")) for c in body["choices"]]
+    return out
+
+
+# -- parsing ---------------------------------------------------------------------------------------------------
+
+
+def test_parse_maps_openai_fields():
+    r = parse_line(_line("a", prompt="hi", max_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop="x", n=2), 1)
+    p = r.params
+    assert (r.kind, p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.n) == ("completion", 7, 0.5, 0.9, 3, ["x"], 2)
+    assert parse_line(_line("b", prompt="hi"), 1).params.max_tokens == 16  # the completions API default
+    r = parse_line(_line("c", "/v1/chat/completions", messages=[{"role": "user", "content": "hi"}],
+                         max_completion_tokens=3, logprobs=True, top_logprobs=2), 1)
+    assert (r.kind, r.params.max_tokens, r.params.logprobs, r.params.temperature) == ("chat", 3, 2, 1.0)
+
+
+@pytest.mark.parametrize("text, code", [
+    ("{not json", "invalid_json"),
+    ("[1, 2]", "invalid_request"),
+    (json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}), "missing_custom_id"),
+    (_line("a", "/v1/embeddings", input="x"), "invalid_url"),
+    (json.dumps({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}), "invalid_method"),
+    (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": "x"}), "invalid_body"),
+    (_line("a", prompt="x", temperature="hot"), "invalid_body"),
+    (_line("a", prompt="x", max_tokens=0), "invalid_body"),
+    (_line("a", prompt=""), "invalid_body"),
+    (_line("a", prompt=["two", "prompts"]), "invalid_body"),
+    (_line("a", prompt="x", frequency_penalty=0.5), "invalid_body"),
+    (_line("a", "/v1/chat/completions", messages=[]), "invalid_body"),
+    (_line("a", "/v1/chat/completions", messages=[{"content": "no role"}]), "invalid_body"),
+])
+def test_malformed_lines_are_reported(text, code):
+    with pytest.raises(BadRequest) as e:
+        parse_line(text, 3)
+    assert e.value.code == code and "line 3" in e.value.message
+
+
+# -- running ---------------------------------------------------------------------------------------------------
+
+
+def test_results_match_generate_and_errors_do_not_stop_the_job(llm, tmp_path):
+    lines = _requests(6)
+    bad = ["{oops", _line("bad-url", "/v1/images"), _line("bad-body", prompt="x", top_p=5),
+           _line("too-long", prompt="x" * 400), _line("cmpl-0", prompt="duplicate id")]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(lines[:3] + bad + lines[3:]) + "\n\n")
+    out = tmp_path / "out.jsonl"
+    summary = run_batch(llm, inp, out, use_tqdm=False)
+    entries = _read(out)
+    assert summary["written"] == len(entries) == 6 + len(bad)
+    errors = {e["custom_id"] or f"line {e['line']}": e["error"]["code"] for e in entries if e["error"]}
+    assert errors == {"line 4": "invalid_json", "bad-url": "invalid_url", "bad-body": "invalid_body",
+                      "too-long": "invalid_prompt", "line 8": "duplicate_custom_id"}
+    ok = [e for e in entries if e["error"] is None]
+    assert sorted(e["custom_id"] for e in ok) == sorted(json.loads(x)["custom_id"] for x in lines)
+    for e in ok:
+        assert e["response"]["status_code"] == 200 and e["id"].startswith("batch_req_")
+        body = e["response"]["body"]
+        assert body["object"] == ("chat.completion" if e["custom_id"].startswith("chat") else "text_completion")
+        u = body["usage"]
+        assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
+    # the same answers as generate(): completions prompt as text, chat through the template
+    cmpl = {json.loads(x)["custom_id"]: json.loads(x)["body"] for x in lines if "cmpl" in x}
+    for cid, body in cmpl.items():
+        want = llm.generate([body["prompt"]], SamplingParams(max_tokens=5, temperature=0, stop=["zz"]),
+                            mode="latency", use_tqdm=False)[0].outputs[0].text
+        assert _answers(ok)[cid] == [want]
+    chat = json.loads(lines[1])["body"]
+    want = llm.chat(chat["messages"], SamplingParams(max_tokens=chat["max_tokens"], temperature=0.8, seed=1),
+                    use_tqdm=False)[0].outputs[0].text
+    assert _answers(ok)["chat-1"] == [want]
+
+
+def test_resume_after_a_crash_answers_each_request_once(llm, tmp_path):
+    lines = _requests(12) + ["not json"]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    clean = tmp_path / "clean.jsonl"
+    run_batch(llm, inp, clean, use_tqdm=False)
+    want = _answers(_read(clean))
+    assert len(want) == 12
+
+    out = tmp_path / "out.jsonl"
+    written = []
+
+    def crash_after_5(entry):
+        written.append(entry)
+        if len(written) == 5:
+            raise KeyboardInterrupt  # the job is killed after 5 results
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(llm, inp, out, use_tqdm=False, on_result=crash_after_5)
+    assert len(_read(out)) == 5
+    # ... and died while writing the sixth line
+    with open(out, "a") as f:
+        f.write(_line("chat-11")[:25])
+    ids, _ = completed(out)
+    assert len(ids) <= 5 and out.read_text().endswith("\n")  # the partial line is gone
+
+    summary = run_batch(llm, inp, out, use_tqdm=False)
+    assert summary["already_done"] == 5
+    entries = _read(out)
+    keys = [e["custom_id"] or f"line {e['line']}" for e in entries]
+    assert len(keys) == len(set(keys)) == 13  # every request and the bad line exactly once
+    assert _answers(entries) == want
+    # a third run has nothing left to do
+    assert run_batch(llm, inp, out, use_tqdm=False)["written"] == 0
+    assert len(_read(out)) == 13
+
+
+def test_cli_batch_explain_and_run(folder, tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(_requests(4)) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["batch", "--model", str(folder), "--dtype", "float32", "--input", str(inp), "--output", str(out), "--quiet"]
+    assert main(args + ["--explain"]) == 0
+    assert "sequences per pass" in capsys.readouterr().out and not out.exists()
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["written"] == 4 and len(_read(out)) == 4
+    assert main(["batch", "--model", str(folder), "--input", str(tmp_path / "nope.jsonl"), "--output", str(out)]) == 1
