@@ -28,6 +28,14 @@ def test_lru_evicts_least_recent():
     assert p.victim([(0, 0), (0, 1), (0, 2)], layer=0) == (0, 1)
 
 
+def test_lru_evicts_never_used_prefetches_first():
+    # a prefetched expert that was never used must not outlive every used one (it would pin its slot)
+    p = LRUPolicy()
+    for k in [(0, 0), (0, 1)]:
+        p.touch(k)
+    assert p.victim([(0, 0), (0, 1), (1, 3)], layer=0) == (1, 3)
+
+
 def test_lfu_evicts_least_frequent():
     p = LFUPolicy()
     for k in [(0, 0), (0, 0), (0, 1), (0, 2), (0, 2)]:

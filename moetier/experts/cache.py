@@ -47,11 +47,15 @@ class LRUPolicy(Policy):
         self._order.pop(key, None)
 
     def victim(self, candidates: Iterable[Key], layer: int) -> Key:
-        cands = set(candidates)
+        cands = list(candidates)
+        for key in cands:  # loaded (a prefetch) and never used since: the least recently used of all
+            if key not in self._order:
+                return key
+        cands = set(cands)
         for key in self._order:
             if key in cands:
                 return key
-        return next(iter(cands))  # never touched: any will do
+        return next(iter(cands))
 
 
 class LFUPolicy(Policy):

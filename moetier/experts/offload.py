@@ -59,8 +59,11 @@ class OffloadedExperts(ExpertsBase):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
         rt.tracer.record(self.layer, ids)
-        rt.prefetcher.on_layer(self.layer, x)
+        # demand first: this layer's misses must not queue behind speculative loads on the reader
+        # pool, and until acquire() pins this layer's experts a prefetch could evict them (the
+        # activation policy ranks the running layer's experts as the farthest from reuse)
         self._weights = rt.store.acquire(self.layer, torch.unique(ids).tolist())
+        rt.prefetcher.on_layer(self.layer, x)
         try:
             return super().forward(x, ids, weights)
         finally:
