@@ -182,6 +182,17 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    llm = _llm(args)
+    try:
+        serve(llm, args.model, host=args.host, port=args.port, api_key=args.api_key)
+    finally:
+        llm.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moetier", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,12 +269,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check the packed folder HF_DIR instead of converting")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert, parser=p)
+
+    p = sub.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve --model at http://HOST:PORT/v1 (GET /v1/models, POST /v1/completions and "
+                    "/v1/chat/completions, streaming with stream=true; GET /health). Requests running at "
+                    "the same time share decode steps. The model id clients pass is the --model value.")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MOETIER_API_KEY, else none)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "serve" and args.api_key is None:
+        import os
+
+        args.api_key = os.environ.get("MOETIER_API_KEY") or None
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,113 @@
+"""The one thread that owns the engine; HTTP handler threads talk to it through queues."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from ..errors import RequestError
+from ..runtime.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# messages put on a request's queue, in order:
+#   ("started", None)                     the engine took the request
+#   ("delta", (index, text, finish))      new text for completion ``index`` (finish: None or a reason)
+#   ("done", [CompletionOutput, ...])     every completion finished
+#   ("error", Exception)                  the request failed (before "started": RequestError)
+
+
+@dataclass
+class _Live:
+    out: "queue.Queue"
+    seqs: list = field(default_factory=list)
+
+
+class EngineWorker:
+    """Runs ``llm.engine`` on its own thread: ``submit`` a request, read its queue, ``abort`` it."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self._cmds: queue.Queue = queue.Queue()
+        self._live: dict[str, _Live] = {}
+        self._thread = threading.Thread(target=self._loop, name="moetier-engine", daemon=True)
+        self._stopping = False
+        self.aborted = 0  # requests dropped before they finished (clients that went away)
+
+    def start(self) -> "EngineWorker":
+        self._thread.start()
+        return self
+
+    def live(self) -> int:
+        """Requests submitted and not yet finished or aborted."""
+        return len(self._live)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._cmds.put(("stop",))
+        self._thread.join(timeout=10)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, queue.Queue]:
+        """Queue a request; returns its id and the queue its messages arrive on."""
+        rid = uuid.uuid4().hex
+        out: queue.Queue = queue.Queue()
+        self._cmds.put(("add", rid, prompt_ids, params, out))
+        return rid, out
+
+    def abort(self, rid: str) -> None:
+        """Drop a request (its client went away); safe to call for a finished one."""
+        self._cmds.put(("abort", rid))
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def _handle(self, cmd) -> None:
+        engine = self.llm.engine
+        if cmd[0] == "add":
+            _, rid, ids, params, out = cmd
+            try:
+                seqs = engine.add_request(rid, ids, params)
+            except RequestError as e:
+                out.put(("error", e))
+                return
+            self._live[rid] = _Live(out, seqs)
+            out.put(("started", None))
+        elif cmd[0] == "abort":
+            if self._live.pop(cmd[1], None) is not None:
+                engine.abort(cmd[1])
+                self.aborted += 1
+        elif cmd[0] == "stop":
+            self._stopping = True
+
+    def _loop(self) -> None:
+        engine = self.llm.engine
+        while not self._stopping:
+            # block while idle; when busy, take whatever arrived and step again
+            try:
+                cmd = self._cmds.get(timeout=None if not engine.has_unfinished() else 0)
+                self._handle(cmd)
+                while True:
+                    self._handle(self._cmds.get_nowait())
+            except queue.Empty:
+                pass
+            if self._stopping or not engine.has_unfinished():
+                continue
+            try:
+                events = engine.step()
+            except Exception as e:  # a failed step fails the requests in it, not the server
+                log.exception("engine step failed")
+                for rid, live in list(self._live.items()):
+                    engine.abort(rid)
+                    live.out.put(("error", e))
+                self._live.clear()
+                continue
+            for ev in events:
+                live = self._live.get(ev.seq.request_id)
+                if live is not None and (ev.delta or ev.finished):
+                    live.out.put(("delta", (ev.seq.out.index, ev.delta, ev.seq.out.finish_reason)))
+            for rid, live in list(self._live.items()):
+                if all(s.finished for s in live.seqs):
+                    del self._live[rid]
+                    live.out.put(("done", [s.out for s in live.seqs]))

@@ -1,0 +1,246 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client on a live loopback port."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+
+KEY = "test-key"
+PROMPT = "12+34="
+
+
+class _Server:
+    """``moetier serve`` run as a user would, in its own process."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server_address = ("127.0.0.1", self.port)
+        self.proc = subprocess.Popen([sys.executable, "-m", "moetier", "serve", "--model", "demo", "--port",
+                                      str(self.port), "--api-key", KEY], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                self.health()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not come up")
+
+    def health(self) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        conn.request("GET", "/health")
+        data = json.loads(conn.getresponse().read())
+        conn.close()
+        return data
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = _Server()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key=KEY, max_retries=0)
+
+
+def _raw(server, method, path, body: bytes | None = None, key=KEY):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    conn.request(method, path, body=body, headers=headers)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, json.loads(data)
+
+
+def _long(client, **kw):
+    """A greedy completion that runs to max_tokens (EOS ignored)."""
+    return client.completions.create(model="demo", prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True},
+                                     **kw)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["demo"]
+    status, body = _raw(server, "GET", "/health", key=None)
+    assert status == 200 and body["status"] == "ok" and body["requests_live"] == 0
+
+
+def test_completion_and_usage(client):
+    r = client.completions.create(model="demo", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert r.choices[0].text.strip() == "46"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens >= 2
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    r = _long(client, max_tokens=5)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+
+
+def test_chat(client):
+    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                       temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
+    assert r.usage.completion_tokens <= 6
+
+
+def test_stream_equals_greedy(client):
+    full = _long(client, max_tokens=12).choices[0].text
+    chunks = list(_long(client, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert chunks[-1].usage.completion_tokens == 12
+    chat = dict(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
+    want = client.chat.completions.create(**chat).choices[0].message.content
+    got = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **chat))
+    assert got == want
+
+
+def test_sse_ends_with_done(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    body = json.dumps({"model": "demo", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True})
+    conn.request("POST", "/v1/completions", body, {"Authorization": f"Bearer {KEY}"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+    events = [e for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_n_and_seed(client):
+    r = _long(client, max_tokens=6, n=3)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert len({c.text for c in r.choices}) == 1  # greedy: all the same
+    assert r.usage.completion_tokens == 18
+    kw = dict(model="demo", prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=7, n=2,
+              extra_body={"ignore_eos": True})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+
+
+def test_stop_string(client):
+    full = _long(client, max_tokens=12).choices[0].text
+    stop = full[3:5]
+    assert stop and full.find(stop) >= 1
+    r = _long(client, max_tokens=12, stop=[stop])
+    assert r.choices[0].text == full[: full.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in _long(client, max_tokens=12, stop=stop, stream=True))
+    assert streamed == r.choices[0].text
+
+
+def _err(exc_info):
+    return exc_info.value.body if isinstance(exc_info.value.body, dict) and "message" in exc_info.value.body \
+        else exc_info.value.body["error"]
+
+
+def test_unknown_model_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+    assert _err(e)["code"] == "model_not_found" and _err(e)["param"] == "model"
+
+
+def test_bad_api_key_401(server):
+    bad = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="demo", prompt=PROMPT, max_tokens=2)
+
+
+def test_prompt_past_context_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="demo", prompt="1+1=" * 100, max_tokens=2)
+    msg = _err(e)["message"]
+    assert "128" in msg and "tokens" in msg and _err(e)["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "demo"}, "prompt"),  # missing prompt
+    ({"prompt": PROMPT}, "model"),  # missing model
+    ({"model": "demo", "prompt": PROMPT, "max_tokens": "ten"}, None),
+    ({"model": "demo", "prompt": PROMPT, "temperature": "hot"}, None),
+    ({"model": "demo", "prompt": 5}, "prompt"),
+    ({"model": "demo", "prompt": PROMPT, "stream": "yes"}, "stream"),
+])
+def test_bad_fields_400(server, body, param):
+    status, obj = _raw(server, "POST", "/v1/completions", json.dumps(body).encode())
+    assert status == 400
+    assert set(obj["error"]) == {"message", "type", "param", "code"} and obj["error"]["param"] == param
+
+
+def test_bad_json_and_chat_shape_400(server, client):
+    status, obj = _raw(server, "POST", "/v1/chat/completions", b"{not json")
+    assert status == 400 and obj["error"]["code"] == "invalid_json"
+    status, obj = _raw(server, "POST", "/v1/chat/completions", b"[1, 2]")
+    assert status == 400
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="demo", messages=[{"content": "no role"}])
+    # and the server still serves
+    assert client.completions.create(model="demo", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+
+
+def test_two_concurrent_streams(client):
+    want = {k: _long(client, max_tokens=k).choices[0].text for k in (30, 40)}
+    got, errors = {}, []
+
+    def run(k):
+        try:
+            got[k] = "".join(c.choices[0].text for c in _long(client, max_tokens=k, stream=True))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and got == want
+
+
+def test_disconnect_aborts(server, client):
+    before = server.health()["aborted"]
+    body = json.dumps({"model": "demo", "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    assert got.startswith(b"HTTP/1.1 200")
+    sock.close()  # the client goes away mid-stream
+    deadline = time.time() + 10
+    while (h := server.health())["aborted"] == before or h["requests_live"]:
+        if time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert h["aborted"] == before + 1 and h["requests_live"] == 0, h
+    assert client.completions.create(model="demo", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+
+
+def test_cli_parses_serve():
+    from moetier.cli import build_parser
+
+    a = build_parser().parse_args(["serve", "--model", "demo", "--port", "0", "--api-key", "k"])
+    assert (a.command, a.host, a.port, a.api_key, a.model) == ("serve", "127.0.0.1", 0, "k", "demo")
