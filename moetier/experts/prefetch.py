@@ -25,7 +25,8 @@ class Prefetcher:
 
     ``window``: how many MoE layers ahead to prefetch; ``mass``: prefetch the
     most likely experts of a layer until their predicted probability sums to
-    this, at most ``max_per_layer`` of them.
+    this, at most ``max_per_layer`` of them (default: ``top_k`` per running sequence, as many as
+    the step can use; more only evicts experts that are needed, to read ones that are not).
     """
 
     def __init__(self, store: ExpertStore, library: TraceLibrary, routers: list[torch.nn.Module],
@@ -39,7 +40,9 @@ class Prefetcher:
         self.mode = mode
         self.window = window
         self.mass = mass
-        self.max_per_layer = max_per_layer or 2 * top_k
+        self.top_k = top_k
+        self.max_per_layer = max_per_layer  # None: what the step can use, top_k per running sequence
+        self._cap = max_per_layer or top_k
         self.num_layers = len(routers)
         self.predicted: Optional[np.ndarray] = None  # [layers, experts] for this step
 
@@ -48,6 +51,7 @@ class Prefetcher:
         if not counts:
             self.predicted = None
             return
+        self._cap = self.max_per_layer or self.top_k * len(counts)
         preds = []
         for c in counts:
             own = normalize(c)
@@ -79,7 +83,7 @@ class Prefetcher:
         p = self.predicted[layer]
         order = np.argsort(-p)
         picked, total = [], 0.0
-        for e in order[: self.max_per_layer]:
+        for e in order[: self._cap]:
             if p[e] <= 0 or total >= self.mass:
                 break
             picked.append(int(e))
