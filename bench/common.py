@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -49,3 +50,27 @@ def median_time(fn, repeats: int) -> float:
 
 def emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
+
+
+def drop_file_cache(files, sync: bool = True) -> None:
+    """Drop these files' clean pages from the page cache (sync first so they are clean), so the
+    next read really comes from the disk."""
+    if sync:
+        os.sync()
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def mixtral_config(a, **extra) -> dict:
+    """A synthetic Mixtral config from a benchmark's size flags."""
+    return dict(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+                num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, num_local_experts=a.experts,
+                num_experts_per_tok=a.top_k, vocab_size=a.vocab, max_position_embeddings=4096,
+                tie_word_embeddings=False, **extra)

@@ -56,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
+from common import drop_file_cache, mixtral_config  # noqa: E402
 
 GB = 1e9
 GIB = 2**30
@@ -96,27 +97,6 @@ def rss_gib() -> float:
 
 def peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
-
-
-def drop_file_cache(files: list[Path]) -> None:
-    """Drop these files' pages from the page cache (clean pages only, hence the sync first)."""
-    os.sync()
-    for f in files:
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def model_config(args) -> dict:
-    return dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, num_local_experts=args.experts,
-                num_experts_per_tok=args.top_k, vocab_size=args.vocab, max_position_embeddings=4096,
-                tie_word_embeddings=False)
 
 
 def model_name(args) -> str:
@@ -522,7 +502,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         made = not (folder / "config.json").exists()
-        synthetic_checkpoint(folder, "mixtral", model_config(args), dtype=torch.bfloat16)
+        synthetic_checkpoint(folder, "mixtral", mixtral_config(args), dtype=torch.bfloat16)
         if made and args.skew:
             skew_router(folder, args.skew, args.experts)
         made_s = time.perf_counter() - t0

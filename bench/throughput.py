@@ -50,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
+from common import drop_file_cache, mixtral_config  # noqa: E402
 
 GIB = 2**30
 ISSUE = dict(hidden=1024, intermediate=3584, layers=16, prompts=512, min_prompt=32, max_prompt=512, new_tokens=256)
@@ -61,28 +62,6 @@ def emit(obj: dict) -> None:
 
 def peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
-
-
-def drop_file_cache(files, sync: bool = True) -> None:
-    """Drop these files' clean pages from the page cache (sync first so they are clean)."""
-    if sync:
-        os.sync()
-    for f in files:
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def model_config(a) -> dict:
-    return dict(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, num_local_experts=a.experts,
-                num_experts_per_tok=a.top_k, vocab_size=a.vocab, max_position_embeddings=4096,
-                tie_word_embeddings=False, eos_token_id=1, bos_token_id=0)
 
 
 def prompts_for(a) -> list[list[int]]:
@@ -287,7 +266,8 @@ def main() -> None:
 
     a.dir.mkdir(parents=True, exist_ok=True)
     name = f"mixtral-h{a.hidden}-i{a.intermediate}-l{a.layers}-e{a.experts}-v{a.vocab}-bfloat16"
-    folder = synthetic_checkpoint(a.dir / name, "mixtral", model_config(a), torch.bfloat16)
+    cfg = mixtral_config(a, eos_token_id=1, bos_token_id=0)
+    folder = synthetic_checkpoint(a.dir / name, "mixtral", cfg, torch.bfloat16)
     files = [str(p) for p in folder.glob("*.safetensors")]
     model_bytes = sum(Path(f).stat().st_size for f in files)
     half = int(model_bytes * a.budget_fraction)

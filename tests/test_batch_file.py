@@ -3,24 +3,16 @@
 import json
 
 import pytest
-import torch
 
 from moetier import LLM, SamplingParams
 from moetier.batch_file import BadRequest, completed, parse_line, run_batch
 from moetier.cli import main
-from moetier.runtime.machine import MachineProfile
-from tiny import FAMILY_CONFIGS, add_char_tokenizer, make_checkpoint
+from tiny import FAMILY_CONFIGS, add_char_tokenizer, fixed_machine_profile, make_checkpoint
 
-PROFILE = MachineProfile(matmul_flops=50e9, stream_bps=5e9, copy_bps=8e9, attn_flops=10e9, attn_call_s=3e-5,
-                         op_s=3e-6, threads=1)
+PROFILE = fixed_machine_profile()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

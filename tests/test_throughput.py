@@ -7,22 +7,14 @@ import torch
 
 from moetier import LLM, SamplingParams
 from moetier.errors import MoetierError
-from moetier.runtime.machine import MachineProfile
 from moetier.runtime.planner import Job, ModelCost, Planner
-from tiny import FAMILY_CONFIGS, add_char_tokenizer, make_checkpoint
+from moetier.runtime.machine import MachineProfile
+from tiny import FAMILY_CONFIGS, add_char_tokenizer, fixed_machine_profile, make_checkpoint
 
-# fixed machine rates: plans in these tests do not depend on how busy the machine is
-PROFILE = MachineProfile(matmul_flops=50e9, stream_bps=5e9, copy_bps=8e9, attn_flops=10e9, attn_call_s=3e-5,
-                         op_s=3e-6, threads=1)
+PROFILE = fixed_machine_profile()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: a second OpenMP thread only adds spin-waits on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoint(tmp_path_factory, family):

@@ -150,3 +150,11 @@ FAMILY_CONFIGS = {
                         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
                         qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1),
 }
+
+
+def fixed_machine_profile():
+    """Fixed machine rates, so plans made in tests do not depend on how busy the machine is."""
+    from moetier.runtime.machine import MachineProfile
+
+    return MachineProfile(matmul_flops=50e9, stream_bps=5e9, copy_bps=8e9, attn_flops=10e9, attn_call_s=3e-5,
+                          op_s=3e-6, threads=1)
