@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import statistics
 import time
@@ -74,3 +75,26 @@ def mixtral_config(a, **extra) -> dict:
                 num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, num_local_experts=a.experts,
                 num_experts_per_tok=a.top_k, vocab_size=a.vocab, max_position_embeddings=4096,
                 tie_word_embeddings=False, **extra)
+
+
+def raw_read(files, direct: bool = True, limit: int | None = None) -> int:
+    """dd-like: sequential reads into one page-aligned 16 MiB buffer (O_DIRECT needs the alignment),
+    stopping after ``limit`` bytes if given; returns the bytes read."""
+    buf = mmap.mmap(-1, 16 << 20)
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
+    total = 0
+    for f in files:
+        fd = os.open(f, flags)
+        try:
+            off = 0
+            while limit is None or total < limit:
+                n = os.preadv(fd, [buf], off)
+                if n <= 0:
+                    break
+                off += n
+                total += n
+        finally:
+            os.close(fd)
+        if limit is not None and total >= limit:
+            break
+    return total

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import random
 import resource
@@ -56,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-from common import drop_file_cache, mixtral_config  # noqa: E402
+from common import drop_file_cache, mixtral_config, raw_read  # noqa: E402
 
 GB = 1e9
 GIB = 2**30
@@ -141,22 +140,8 @@ def disk_rates(packed: Path, probe_bytes: int, expert_reads: int, threads: int) 
 
     files = sorted(packed.glob("weights-*.bin"))
     drop_file_cache(files)
-    buf = mmap.mmap(-1, 16 << 20)
-    total, t0 = 0, time.perf_counter()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-        try:
-            off = 0
-            while total < probe_bytes:
-                n = os.preadv(fd, [buf], off)
-                if n <= 0:
-                    break
-                off += n
-                total += n
-        finally:
-            os.close(fd)
-        if total >= probe_bytes:
-            break
+    t0 = time.perf_counter()
+    total = raw_read(files, direct=True, limit=probe_bytes)
     seq = total / (time.perf_counter() - t0)
     out = {"seq_direct_gbps": round(seq / GB, 3), "seq_bytes": total}
     with PackedCheckpoint(packed) as ck:

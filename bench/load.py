@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import mmap
 import os
 import platform
 import statistics
@@ -43,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from common import emit, synthetic_checkpoint  # noqa: E402
+from common import emit, raw_read, synthetic_checkpoint  # noqa: E402
 
 from moetier.weights.direct_io import aligned_buffer  # noqa: E402
 from moetier.weights.loader import load_model  # noqa: E402
@@ -111,25 +110,6 @@ def warm_up(files: list[Path]) -> None:
         with open(f, "rb", buffering=0) as fh:
             while fh.readinto(buf):
                 pass
-
-
-def raw_read(files: list[Path], direct: bool) -> int:
-    """dd-like: sequential reads into one 16 MiB buffer; returns bytes read."""
-    buf = mmap.mmap(-1, 16 << 20)  # page aligned, as O_DIRECT needs
-    total = 0
-    for f in files:
-        fd = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-        try:
-            off = 0
-            while True:
-                n = os.preadv(fd, [buf], off)
-                if n <= 0:
-                    break
-                off += n
-            total += off
-        finally:
-            os.close(fd)
-    return total
 
 
 def sync(device: torch.device) -> None:
