@@ -115,7 +115,7 @@ def worker_moetier(spec: dict) -> None:
                                     "predicted_s_for_passes_run")},
         "memory": llm.memory, "peak_rss_gib": peak_rss_gib(), "first_tokens": outs[0].outputs[0].token_ids[:8],
     })
-    if llm.memory:
+    if llm.engine.offload is not None:
         out["stats"] = llm.stats()
     llm.close()
     emit(out)

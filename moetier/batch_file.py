@@ -205,35 +205,49 @@ def error_entry(code: str, message: str, custom_id: Optional[str], line: Optiona
 
 def result_entry(req: BatchRequest, out, model: str, tokenizer) -> dict:
     """The output line for a finished request (``out``: its RequestOutput)."""
-    created = int(time.time())
-    choices = []
-    for c in out.outputs:
-        if req.kind == "chat":
-            choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                      "logprobs": _chat_logprobs(c, tokenizer) if c.logprobs is not None else None,
-                      "finish_reason": c.finish_reason}
-        else:
-            choice = {"index": c.index, "text": c.text,
-                      "logprobs": _completion_logprobs(c, tokenizer) if c.logprobs is not None else None,
-                      "finish_reason": c.finish_reason}
-        choices.append(choice)
-    n_prompt = len(out.prompt_token_ids)
-    n_out = sum(len(c.token_ids) for c in out.outputs)
-    body = {"id": ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex,
-            "object": "chat.completion" if req.kind == "chat" else "text_completion",
-            "created": created, "model": model, "choices": choices,
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
+    body = completion_body(req.kind, "chatcmpl-" if req.kind == "chat" else "cmpl-", model, out.outputs,
+                           len(out.prompt_token_ids), tokenizer)
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": req.custom_id,
             "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
+
+
+def completion_body(kind: str, rid: str, model: str, outs: list, prompt_tokens: int, tokenizer) -> dict:
+    """An OpenAI ``chat.completion`` / ``text_completion`` body; ``outs``: CompletionOutputs in index order.
+
+    ``rid`` is the id, or just its prefix (``"cmpl-"``) to get a fresh one.
+    """
+    if rid.endswith("-"):
+        rid += uuid.uuid4().hex
+    choices = []
+    for c in outs:
+        lp = logprobs_of(kind, c.logprobs, tokenizer) if c.logprobs is not None else None
+        if kind == "chat":
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": lp, "finish_reason": c.finish_reason})
+        else:
+            choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in outs))}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def logprobs_of(kind: str, entries: list[dict], tokenizer) -> dict:
+    """OpenAI's ``logprobs`` object for ``entries`` (``{"token", "logprob", "top"}`` per generated token)."""
+    return _chat_logprobs(entries, tokenizer) if kind == "chat" else _completion_logprobs(entries, tokenizer)
 
 
 def _tok(tokenizer, t: int) -> str:
     return tokenizer.decode([t]) if tokenizer is not None else str(t)
 
 
-def _chat_logprobs(c, tokenizer) -> dict:
+def _chat_logprobs(entries: list[dict], tokenizer) -> dict:
     content = []
-    for lp in c.logprobs:
+    for lp in entries:
         s = _tok(tokenizer, lp["token"])
         content.append({"token": s, "logprob": lp["logprob"], "bytes": list(s.encode()),
                         "top_logprobs": [{"token": _tok(tokenizer, t), "logprob": v,
@@ -241,14 +255,14 @@ def _chat_logprobs(c, tokenizer) -> dict:
     return {"content": content}
 
 
-def _completion_logprobs(c, tokenizer) -> dict:
-    tokens = [_tok(tokenizer, lp["token"]) for lp in c.logprobs]
+def _completion_logprobs(entries: list[dict], tokenizer) -> dict:
+    tokens = [_tok(tokenizer, lp["token"]) for lp in entries]
     offsets, pos = [], 0
     for s in tokens:
         offsets.append(pos)
         pos += len(s)
-    return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in c.logprobs],
-            "top_logprobs": [{_tok(tokenizer, t): v for t, v in lp["top"]} for lp in c.logprobs],
+    return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in entries],
+            "top_logprobs": [{_tok(tokenizer, t): v for t, v in lp["top"]} for lp in entries],
             "text_offset": offsets}
 
 

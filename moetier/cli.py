@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .errors import MoetierError
 
@@ -15,10 +16,15 @@ DeepSeek-V2/V3) from Hugging Face checkpoint folders.
 Use --model demo for the small model that ships with the package."""
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, many: bool = False, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json + *.safetensors, or a packed folder "
-                                                "from moetier convert), or 'demo'")
+    if many:
+        g.add_argument("--model", required=True, action="append", metavar="[ID=]PATH",
+                       help="a checkpoint folder (or 'demo') to serve, repeatable; clients name it by ID, "
+                            "or by PATH as given when there is no ID=. Each loads on its first request.")
+    else:
+        g.add_argument("--model", required=required, help="checkpoint folder (config.json + *.safetensors, or a packed "
+                                                    "folder from moetier convert), or 'demo'")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     g.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"],
                    help="weight and activation dtype (default: the checkpoint's own)")
@@ -59,12 +65,13 @@ def _sampling(args):
                           top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
-def _llm(args):
+def _llm(args, **override):
     from .llm import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               device_memory=args.device_memory, host_memory=args.host_memory, offload_dir=args.offload_dir,
-               cache_policy=args.cache_policy, prefetch=args.prefetch)
+    kw = dict(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              device_memory=args.device_memory, host_memory=args.host_memory, offload_dir=args.offload_dir,
+              cache_policy=args.cache_policy, prefetch=args.prefetch)
+    return LLM(**{**kw, **override})
 
 
 def _print_stats(llm, args) -> None:
@@ -182,15 +189,144 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from .serve import serve
+def serve_models(values: list[str]) -> dict[str, str]:
+    """``--model`` values as {id: path}: ``NAME=PATH``, or a bare path (or ``demo``) that is its own id."""
+    models: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        name, path = (name, path) if sep and name and path else (v, v)
+        if name in models:
+            raise MoetierError(f"--model: the id {name!r} is given twice")
+        models[name] = path
+    return models
 
-    llm = _llm(args)
-    try:
-        serve(llm, args.model, host=args.host, port=args.port, api_key=args.api_key)
-    finally:
-        llm.close()
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def cmd_serve(args) -> int:
+    from .serve import make_server, serve
+    from .units import parse_size
+
+    models = serve_models(args.model)
+    total = args.device_memory or (args.host_memory if args.device == "cpu" else None)
+    budget = parse_size(total) if total is not None else None
+
+    from .llm import resolve_model_path
+    from .weights.loader import read_config
+
+    for path in models.values():  # a folder that is not there fails now, not on the first request
+        read_config(resolve_model_path(path))
+    if args.max_requests < 1:
+        raise MoetierError(f"--max-requests must be at least 1, got {args.max_requests}")
+
+    def load(name: str, path: str, device_memory):
+        """Resident when the pool says it fits; otherwise offloaded within the whole budget."""
+        offload_dir = args.offload_dir and (str(Path(args.offload_dir) / _safe_name(name)) if len(models) > 1
+                                            else args.offload_dir)
+        return _llm(args, model=path, device_memory=device_memory, offload_dir=offload_dir,
+                    host_memory=args.host_memory if device_memory is not None else None)
+
+    serve(make_server(models, load, host=args.host, port=args.port, api_key=args.api_key, budget=budget,
+                      max_requests=args.max_requests))
     return 0
+
+
+BENCH_DESCRIPTION = """\
+Run a workload through moetier (or, with --system transformers, through Hugging Face
+transformers) and write DIR/result.json: per phase (prefill, decode) TTFT, TPOT p50/p90/p99,
+tokens/s, the sparsity-aware utilizations S-MBU and S-MFU (docs/metrics.md) and the
+experts activated per step; the cost per million output tokens and its energy; the
+exact-match accuracy on a task. Then draw several results on one chart:
+
+  moetier bench --model demo --batch 4 --out runs/moetier-demo
+  moetier bench --model demo --batch 4 --system transformers --out runs/hf-demo
+  moetier bench report runs/moetier-demo runs/hf-demo --out report   (radar.png, utilization.png, report.md)"""
+
+
+def cmd_bench(args) -> int:
+    from .bench.report import markdown_table
+    from .bench.run import BenchConfig, run_bench
+
+    if args.model is None:
+        args.parser.error("the following arguments are required: --model (or: moetier bench report DIR ...)")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    memory = {k: v for k, v in (("device_memory", args.device_memory), ("host_memory", args.host_memory),
+                                ("offload_dir", args.offload_dir)) if v is not None}
+    if memory:
+        memory.update(cache_policy=args.cache_policy, prefetch=args.prefetch)
+    if args.max_model_len is not None:
+        memory["max_model_len"] = args.max_model_len
+    cfg = BenchConfig(
+        model=args.model, out=Path(args.out or f"bench-results/{args.system}-{Path(args.model).name}"),
+        system=args.system, workload=args.workload, input_len=args.input_len, output_len=args.output_len,
+        batch=args.batch, concurrency=args.concurrency, num_prompts=args.num_prompts, hardware=args.hardware,
+        usd_per_hour=args.price_per_hour, watts=args.watts, task=args.task, task_limit=args.task_limit,
+        device=args.device, dtype=args.dtype, llm_options=memory, progress=not args.quiet)
+    result = run_bench(cfg)
+    print(markdown_table([result]))
+    print(f"[bench] wrote {cfg.out / 'result.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_report(args) -> int:
+    from .bench.report import write_report
+
+    print(write_report([Path(d) for d in args.dirs], Path(args.out)))
+    print(f"[bench] wrote radar.png, utilization.png and report.md in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    from .bench.hardware import NAMES
+
+    p = sub.add_parser("bench", help="measure cost, accuracy and performance (S-MBU, S-MFU) on a workload",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=BENCH_DESCRIPTION)
+    _add_model_args(p, required=False)
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", default="fixed", metavar="fixed|FILE",
+                   help='"fixed": --num-prompts prompts of --input-len random token ids (default); or a JSONL '
+                        'file, one {"prompt": ..., "max_tokens": N (optional)} per line')
+    g.add_argument("--input-len", type=int, default=64, metavar="N", help="fixed prompt length in tokens (default: 64)")
+    g.add_argument("--output-len", type=int, default=32, metavar="N",
+                   help="tokens each request generates, end-of-sequence ignored (default: 32)")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--batch", type=int, default=None, metavar="B",
+                   help="run the requests in waves of B, each wave to its end (default: 1)")
+    m.add_argument("--concurrency", type=int, default=None, metavar="C",
+                   help="keep C requests in flight, a new one starting as one finishes (moetier only)")
+    g.add_argument("--num-prompts", type=int, default=None, metavar="N",
+                   help="requests of the fixed workload (default: B, or 4 x C)")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--system", default="moetier", choices=["moetier", "transformers"],
+                   help="run the workload through moetier's engine or transformers' generate (default: moetier)")
+    g.add_argument("--hardware", default="local", metavar="NAME",
+                   help=f"peaks, price and power to measure against: {', '.join(NAMES)} "
+                        "(default: local, its peaks measured now)")
+    g.add_argument("--price-per-hour", type=float, default=None, metavar="USD", help="override the hardware's price")
+    g.add_argument("--watts", type=float, default=None, metavar="W", help="override the hardware's power")
+    g.add_argument("--task", default=None, metavar="FILE",
+                   help="exact-match task, JSONL of {\"prompt\", \"answer\"} (default: the demo's addition task)")
+    g.add_argument("--task-limit", type=int, default=None, metavar="N", help="score only the first N task items")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="where result.json goes (default: bench-results/SYSTEM-MODEL)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench, parser=p)
+    reports = p.add_subparsers(dest="bench_command", metavar="report DIR ...")
+    r = reports.add_parser(
+        "report", help="draw results side by side: radar.png, utilization.png, report.md",
+        description="Read DIR/result.json of each run and write, in --out: radar.png (accuracy, cost and "
+                    "performance axes, each scaled so that better is outward; one chart per model and "
+                    "workload), utilization.png (S-MBU and S-MFU per phase) and report.md (the table, "
+                    "also printed).")
+    r.add_argument("dirs", nargs="+", metavar="DIR", help="a folder holding a result.json")
+    r.add_argument("--out", default="bench-report", metavar="DIR", help="where the report goes (default: bench-report)")
+    r.set_defaults(func=cmd_bench_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,16 +407,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert, parser=p)
 
     p = sub.add_parser(
-        "serve", help="serve the model over an OpenAI-compatible HTTP API",
-        description="Serve --model at http://HOST:PORT/v1 (GET /v1/models, POST /v1/completions and "
-                    "/v1/chat/completions, streaming with stream=true; GET /health). Requests running at "
-                    "the same time share decode steps. The model id clients pass is the --model value.")
-    _add_model_args(p)
+        "serve", help="serve models over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve one or more models at http://HOST:PORT/v1: GET /v1/models, POST /v1/completions and\n"
+                    "/v1/chat/completions (stream=true for server-sent events), GET /health and GET /metrics\n"
+                    "(Prometheus). Requests running at the same time share decode steps.\n\n"
+                    "Each --model loads on its first request. With a memory budget (--device-memory, or\n"
+                    "--host-memory on the CPU) a model that fits loads whole, the least recently used idle\n"
+                    "models are evicted to make room, and a model bigger than the budget runs offloaded\n"
+                    "within it. Without a budget nothing is evicted.\n\n"
+                    "  moetier serve --model demo\n"
+                    "  moetier serve --model mixtral=/models/Mixtral-8x7B --model olmoe=/models/OLMoE --device-memory 20GiB")
+    _add_model_args(p, many=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MOETIER_API_KEY, else none)")
+    p.add_argument("--max-requests", type=int, default=256, metavar="N",
+                   help="requests served at once, all models; more get 429 (default: 256)")
     p.set_defaults(func=cmd_serve)
+
+    _add_bench_parser(sub)
     return parser
 
 

@@ -75,7 +75,7 @@ class LLM:
         self.last_run: Optional[dict] = None  # plan and measurements of the last throughput run
         self._planner_inputs: Optional[dict] = None
         if device_memory is not None or expert_slots is not None:
-            from .experts.setup import attach_offload, ensure_packed, kv_bytes_per_token
+            from .experts.setup import attach_offload, ensure_packed
             from .weights.loader import parse_dtype
             from .weights.packed import PackedCheckpoint
 
@@ -83,15 +83,14 @@ class LLM:
             packed_path = ensure_packed(self.path, want, Path(offload_dir) if offload_dir else None)
             self.model, self.args, raw_config = load_model(packed_path, device, want, verify=verify, experts=False)
             self._packed = PackedCheckpoint(packed_path)
-            run_dtype = next(p for p in self.model.parameters() if p.device.type != "meta").dtype
-            limit = max_model_len or self.args.max_position_embeddings
-            kv_reserve = kv_bytes_per_token(self.args, run_dtype) * min(limit, 2048)
+            kv_reserve = self._kv_reserve(max_model_len)
             library = Path(offload_dir) / "traces.npz" if offload_dir else packed_path / "traces.npz"
             offload, self.memory = attach_offload(
                 self.model, self._packed, torch.device(device), parse_size(device_memory) if device_memory else None,
                 kv_reserve, policy=cache_policy, prefetch=prefetch, library_path=library, expert_slots=expert_slots)
         else:
             self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
+            self.memory = {"device_bytes": _tensor_bytes(self.model) + self._kv_reserve(max_model_len)}
         self.tokenizer = load_tokenizer(self.path)
         gen_path = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
@@ -100,6 +99,17 @@ class LLM:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}")
         self.engine = Engine(self.model, self.tokenizer, eos_ids(self.generation_config, raw_config, self.tokenizer),
                              max_model_len or limit, max_num_seqs, max_batch_tokens, offload=offload)
+
+    def _kv_reserve(self, max_model_len: Optional[int]) -> int:
+        """KV bytes set aside in the memory accounting: one sequence of up to 2048 tokens."""
+        from .experts.setup import kv_bytes_per_token
+
+        run_dtype = next(p for p in self.model.parameters() if p.device.type != "meta").dtype
+        return kv_bytes_per_token(self.args, run_dtype) * min(max_model_len or self.args.max_position_embeddings, 2048)
+
+    def footprint(self) -> int:
+        """Bytes this model holds on its device: weights (or dense weights + expert slots) and the KV reserve."""
+        return self.memory["device_bytes"]
 
     def stats(self) -> dict:
         """Expert-cache counters: hits, misses, prefetch hits, bytes moved per tier, stall time.
@@ -327,6 +337,10 @@ class LLM:
                 "max_seqs", "prefill_tokens", "kv_budget", "expert_slots", "predicted_tok_s", "predicted_s",
                 "passes", "memory", "moved_bytes_per_pass")}, **runner.report.as_dict()}
             log.info("throughput run: %s", runner.report.summary())
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def _progress(total: int, enabled: bool, desc: str = "Generating"):

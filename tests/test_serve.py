@@ -4,56 +4,21 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import openai
 import pytest
+from live_server import KEY, LiveServer, raw_call
 
-KEY = "test-key"
 PROMPT = "12+34="
-
-
-class _Server:
-    """``moetier serve`` run as a user would, in its own process."""
-
-    def __init__(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server_address = ("127.0.0.1", self.port)
-        self.proc = subprocess.Popen([sys.executable, "-m", "moetier", "serve", "--model", "demo", "--port",
-                                      str(self.port), "--api-key", KEY], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                self.health()
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not come up")
-
-    def health(self) -> dict:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        conn.request("GET", "/health")
-        data = json.loads(conn.getresponse().read())
-        conn.close()
-        return data
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
 def server():
-    srv = _Server()
+    srv = LiveServer()
     yield srv
     srv.stop()
 
@@ -61,18 +26,6 @@ def server():
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key=KEY, max_retries=0)
-
-
-def _raw(server, method, path, body: bytes | None = None, key=KEY):
-    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    conn.request(method, path, body=body, headers=headers)
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, json.loads(data)
 
 
 def _long(client, **kw):
@@ -83,7 +36,9 @@ def _long(client, **kw):
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["demo"]
-    status, body = _raw(server, "GET", "/health", key=None)
+    client.completions.create(model="demo", prompt=PROMPT, max_tokens=1)
+    assert client.models.list().data[0].model_extra["loaded"] is True
+    status, body = raw_call(server, "GET", "/health", key=None)
     assert status == 200 and body["status"] == "ok" and body["requests_live"] == 0
 
 
@@ -183,15 +138,15 @@ def test_prompt_past_context_400(client):
     ({"model": "demo", "prompt": PROMPT, "stream": "yes"}, "stream"),
 ])
 def test_bad_fields_400(server, body, param):
-    status, obj = _raw(server, "POST", "/v1/completions", json.dumps(body).encode())
+    status, obj = raw_call(server, "POST", "/v1/completions", json.dumps(body).encode())
     assert status == 400
     assert set(obj["error"]) == {"message", "type", "param", "code"} and obj["error"]["param"] == param
 
 
 def test_bad_json_and_chat_shape_400(server, client):
-    status, obj = _raw(server, "POST", "/v1/chat/completions", b"{not json")
+    status, obj = raw_call(server, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400 and obj["error"]["code"] == "invalid_json"
-    status, obj = _raw(server, "POST", "/v1/chat/completions", b"[1, 2]")
+    status, obj = raw_call(server, "POST", "/v1/chat/completions", b"[1, 2]")
     assert status == 400
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="demo", messages=[{"content": "no role"}])
@@ -243,4 +198,60 @@ def test_cli_parses_serve():
     from moetier.cli import build_parser
 
     a = build_parser().parse_args(["serve", "--model", "demo", "--port", "0", "--api-key", "k"])
-    assert (a.command, a.host, a.port, a.api_key, a.model) == ("serve", "127.0.0.1", 0, "k", "demo")
+    assert (a.command, a.host, a.port, a.api_key, a.model) == ("serve", "127.0.0.1", 0, "k", ["demo"])
+
+
+def test_logprobs(client):
+    r = _long(client, max_tokens=6, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens).startswith(r.choices[0].text)  # the tokens also show the EOS ignored after "46"
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and chosen <= 0 and sum(math.exp(v) for v in top.values()) <= 1 + 1e-5
+        assert chosen == pytest.approx(max(top.values()))  # greedy picks the most likely token
+    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    streamed = [c for c in _long(client, max_tokens=6, logprobs=3, stream=True) if c.choices[0].logprobs]
+    assert sum(len(c.choices[0].logprobs.tokens) for c in streamed) == 6
+    assert [v for c in streamed for v in c.choices[0].logprobs.token_logprobs] == \
+        pytest.approx(lp.token_logprobs, abs=1e-6)
+
+
+def _metrics(server) -> dict[str, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.request("GET", "/metrics")
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("Content-Type").startswith("text/plain")
+    text = r.read().decode()
+    conn.close()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_metrics(server, client):
+    before = _metrics(server)
+    ok = 'moetier_requests_total{model="demo",code="200"}'
+    gen = 'moetier_generation_tokens_total{model="demo"}'
+    ttft = 'moetier_time_to_first_token_seconds_count{model="demo"}'
+    tpot_inf = 'moetier_time_per_output_token_seconds_bucket{model="demo",le="+Inf"}'
+    r1 = _long(client, max_tokens=5)
+    list(_long(client, max_tokens=7, stream=True))
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="demo", prompt=5)
+    after = _metrics(server)
+    assert after[ok] - before.get(ok, 0) == 2
+    assert after['moetier_requests_total{model="demo",code="400"}'] - \
+        before.get('moetier_requests_total{model="demo",code="400"}', 0) == 1
+    assert after[gen] - before.get(gen, 0) == r1.usage.completion_tokens + 7
+    assert after[ttft] - before.get(ttft, 0) == 2 and after[tpot_inf] - before.get(tpot_inf, 0) == 2
+    buckets = sorted((float(k.split('le="')[1].rstrip('"}')), v) for k, v in after.items()
+                     if k.startswith("moetier_time_to_first_token_seconds_bucket") and "+Inf" not in k)
+    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))  # cumulative
+    assert after['moetier_model_loaded{model="demo"}'] == 1 and after["moetier_requests_inflight"] == 0

@@ -6,37 +6,58 @@ import hmac
 import json
 import logging
 import queue
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from ..batch_file import _text_content
+from ..batch_file import _text_content, logprobs_of
 from ..errors import RequestError
 from ..tokenizer import chat_prompt, require
+from .metrics import Metrics
+from .pool import ModelPool
 from .protocol import APIError, ParsedRequest, chunk, new_id, parse_request, response, usage_chunk
-from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
 ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 MAX_BODY = 32 * 2**20
+DEFAULT_MAX_REQUESTS = 256
 
 
 class Server(ThreadingHTTPServer):
-    """The HTTP server plus what the handlers need: the worker, model name and API key."""
+    """The HTTP server plus what the handlers share: the model pool, API key, request cap and metrics."""
 
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: a burst of clients must not be reset (default 5)
 
-    def __init__(self, addr, llm, model_name: str, api_key: Optional[str]):
+    def __init__(self, addr, pool: ModelPool, api_key: Optional[str], max_requests: int = DEFAULT_MAX_REQUESTS):
         super().__init__(addr, Handler)
-        self.llm = llm
-        self.model_name = model_name
+        self.pool = pool
         self.api_key = api_key
+        self.max_requests = max_requests
         self.created = int(time.time())
-        self.worker = EngineWorker(llm).start()
+        self.metrics = Metrics()
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+
+    def admit(self) -> None:
+        """Count a request in, or refuse it (429) when ``max_requests`` are already being served."""
+        with self._inflight_lock:
+            if self._inflight >= self.max_requests:
+                raise APIError(429, f"the server is serving its limit of {self.max_requests} requests; retry "
+                                    "shortly", type="requests", code="rate_limit_exceeded")
+            self._inflight += 1
+
+    def leave(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+
+    def inflight(self) -> int:
+        return self._inflight
 
     def server_close(self) -> None:
-        self.worker.stop()
+        self.pool.close()
         super().server_close()
 
 
@@ -85,18 +106,30 @@ class Handler(BaseHTTPRequestHandler):
         try:
             path = self.path.split("?", 1)[0]
             if path == "/health":
-                w = self.server.worker
-                return self._send_json(200, {"status": "ok", "requests_live": w.live(), "aborted": w.aborted})
+                pool = self.server.pool
+                return self._send_json(200, {"status": "ok", "requests_inflight": self.server.inflight(),
+                                             "requests_live": sum(e.worker.live() for e in pool.loaded()),
+                                             "models_loaded": [e.name for e in pool.loaded()],
+                                             "aborted": sum(e.worker.aborted for e in pool.loaded())})
+            if path == "/metrics":
+                data = self.server.metrics.render(self.server.pool, self.server.inflight()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             self._auth()
             if path == "/v1/models":
                 return self._send_json(200, {"object": "list", "data": [
-                    {"id": self.server.model_name, "object": "model", "created": self.server.created,
-                     "owned_by": "moetier"}]})
+                    {"id": e.name, "object": "model", "created": self.server.created, "owned_by": "moetier",
+                     "loaded": e.loaded} for e in self.server.pool.entries.values()]})
             raise APIError(404, f"no route GET {path}", code="not_found")
         except APIError as e:
             self._error(e)
 
     def do_POST(self):
+        model, status = "unknown", 500  # the metrics' labels: a request that names no served model is "unknown"
         try:
             raw = self._read_body()
             path = self.path.split("?", 1)[0]
@@ -108,12 +141,24 @@ class Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except ValueError as e:
                 raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-            req = parse_request(body, kind, [self.server.model_name])
-            ids = self._prompt_ids(req)
-            self._run(req, ids)
+            names = self.server.pool.names()
+            if isinstance(body, dict) and body.get("model") in names:
+                model = body["model"]
+            req = parse_request(body, kind, names)
+            self.server.admit()
+            try:
+                with self.server.pool.use(req.model) as entry:
+                    self._run(entry, req)
+            finally:
+                self.server.leave()
+            status = 200
         except APIError as e:
+            status = e.status
             self._error(e)
+        except _StreamFailed:
+            self.close_connection = True  # the error went out inside the stream
         except (BrokenPipeError, ConnectionResetError):
+            status = 499  # the client went away (nginx's code for it)
             self.close_connection = True
         except Exception as e:  # a bug answers 500 for this request; the server keeps running
             log.exception("request failed")
@@ -121,9 +166,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(APIError(500, f"internal error: {e}", type="server_error"))
             except OSError:
                 self.close_connection = True
+        finally:
+            self.server.metrics.request_done(model, status)
 
-    def _prompt_ids(self, req: ParsedRequest) -> list[int]:
-        llm = self.server.llm
+    def _prompt_ids(self, llm, req: ParsedRequest) -> list[int]:
         try:
             if req.kind == "chat":
                 msgs = [dict(m, content=_text_content(m["content"])) for m in req.body["messages"]]
@@ -134,28 +180,30 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             raise APIError(400, str(e), param="messages" if req.kind == "chat" else "prompt") from None
 
-    def _run(self, req: ParsedRequest, ids: list[int]) -> None:
-        worker = self.server.worker
+    def _run(self, entry, req: ParsedRequest) -> None:
+        t0 = time.perf_counter()
+        ids = self._prompt_ids(entry.llm, req)
+        worker = entry.worker
         rid, q = worker.submit(ids, req.params)
         kind, payload = q.get()
         if kind == "error":
             raise APIError(400, str(payload), param="messages" if req.kind == "chat" else "prompt",
                            code="context_length_exceeded" if "context" in str(payload) else None)
         cid = new_id(req.kind)
+        timing = _Timing(t0)
         try:
             if req.stream:
-                self._stream(req, cid, q, len(ids))
+                outs = self._stream(entry.llm.tokenizer, req, cid, q, len(ids), timing)
             else:
-                while True:
-                    kind, payload = q.get()
-                    if kind == "done":
-                        return self._send_json(200, response(req, cid, payload, len(ids)))
-                    if kind == "error":
-                        raise APIError(500, f"generation failed: {payload}", type="server_error")
+                outs = _collect(q, timing)
+                self._send_json(200, response(req, cid, outs, len(ids), entry.llm.tokenizer))
         finally:
             worker.abort(rid)  # a no-op once finished; frees the slot when the client went away
+        n_out = sum(len(o.token_ids) for o in outs)
+        self.server.metrics.tokens(req.model, len(ids), n_out, timing.ttft(), timing.tpot(n_out, len(outs)))
 
-    def _stream(self, req: ParsedRequest, cid: str, q: queue.Queue, prompt_tokens: int) -> None:
+    def _stream(self, tokenizer, req: ParsedRequest, cid: str, q: queue.Queue, prompt_tokens: int,
+                timing: "_Timing") -> list:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -174,30 +222,75 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             kind, payload = q.get()
             if kind == "delta":
-                index, text, finish = payload
-                send(chunk(req, cid, index, text, finish))
+                timing.token()
+                index, text, finish, lps = payload
+                send(chunk(req, cid, index, text, finish,
+                           logprobs=logprobs_of(req.kind, lps, tokenizer) if lps else None))
             elif kind == "done":
+                timing.done()
                 if req.include_usage:
                     send(usage_chunk(req, cid, prompt_tokens, sum(len(o.token_ids) for o in payload)))
                 send("[DONE]")
-                return
+                return payload
             else:
                 send(APIError(500, f"generation failed: {payload}", type="server_error").body())
                 send("[DONE]")
-                return
+                raise _StreamFailed(payload)
 
 
-def make_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                api_key: Optional[str] = None) -> Server:
-    """A bound server (``port=0``: a free one, see ``server.server_address``); call ``serve_forever()``."""
-    return Server((host, port), llm, model_name, api_key)
+class _StreamFailed(Exception):
+    """Generation failed after the stream's headers went out; the error was sent in the stream."""
 
 
-def serve(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None) -> None:
+class _Timing:
+    """When a request arrived, produced its first token and finished: TTFT and TPOT for the metrics."""
+
+    def __init__(self, t0: float):
+        self.t0, self.first, self.end = t0, None, None
+
+    def token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def done(self) -> None:
+        self.token()
+        self.end = time.perf_counter()
+
+    def ttft(self) -> Optional[float]:
+        return None if self.first is None else self.first - self.t0
+
+    def tpot(self, tokens: int, completions: int) -> Optional[float]:
+        """Mean gap between tokens after the first of each completion (None with nothing to average)."""
+        steps = tokens - completions
+        return (self.end - self.first) / steps if self.end is not None and steps > 0 else None
+
+
+def _collect(q: queue.Queue, timing: _Timing) -> list:
+    """Wait for a non-streamed request's outputs, timing its first delta."""
+    while True:
+        kind, payload = q.get()
+        if kind == "delta":
+            timing.token()
+        elif kind == "done":
+            timing.done()
+            return payload
+        elif kind == "error":
+            raise APIError(500, f"generation failed: {payload}", type="server_error")
+
+
+def make_server(models: dict[str, str], load, host: str = "127.0.0.1", port: int = 8000,
+                api_key: Optional[str] = None, budget: Optional[int] = None,
+                max_requests: int = DEFAULT_MAX_REQUESTS) -> Server:
+    """A bound server over ``models`` (id -> checkpoint path), loaded on demand by ``load(id, path, device_memory)``
+    within ``budget`` bytes. ``port=0`` picks a free port (see ``server.server_address``); call ``serve_forever()``."""
+    return Server((host, port), ModelPool(models, load, budget), api_key, max_requests)
+
+
+def serve(server: Server) -> None:
     """Serve until interrupted."""
-    server = make_server(llm, model_name, host, port, api_key)
     h, p = server.server_address[:2]
-    print(f"moetier: serving {model_name} on http://{h}:{p}/v1", flush=True)
+    names = ", ".join(server.pool.names())
+    print(f"moetier: serving {names} on http://{h}:{p}/v1", flush=True)
     try:
         server.serve_forever()
     finally:

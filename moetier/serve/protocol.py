@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from ..batch_file import _check_prompt_shape, sampling_params
+from ..batch_file import _check_prompt_shape, completion_body, sampling_params, usage
 from ..runtime.sampling import SamplingParams
 
 
@@ -50,8 +50,6 @@ def parse_request(body, kind: str, models: list[str]) -> ParsedRequest:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise APIError(400, "stream_options must be an object", param="stream_options", code="invalid_type")
-    if body.get("logprobs") not in (None, False):
-        raise APIError(400, "logprobs is not supported by this server yet", param="logprobs", code="unsupported")
     rest = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     try:
         _check_prompt_shape(rest, kind)
@@ -68,36 +66,22 @@ def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def response(req: ParsedRequest, rid: str, outs: list, prompt_tokens: int) -> dict:
+def response(req: ParsedRequest, rid: str, outs: list, prompt_tokens: int, tokenizer) -> dict:
     """The non-streamed response; ``outs`` are CompletionOutputs in index order."""
-    if req.kind == "chat":
-        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "finish_reason": o.finish_reason, "logprobs": None} for o in outs]
-        obj = "chat.completion"
-    else:
-        choices = [{"index": o.index, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None}
-                   for o in outs]
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": req.model, "choices": choices,
-            "usage": usage(prompt_tokens, sum(len(o.token_ids) for o in outs))}
+    return completion_body(req.kind, rid, req.model, outs, prompt_tokens, tokenizer)
 
 
 def chunk(req: ParsedRequest, rid: str, index: int, text: Optional[str], finish_reason: Optional[str],
-          first: bool = False) -> dict:
-    """One streamed chunk for choice ``index``."""
+          first: bool = False, logprobs: Optional[dict] = None) -> dict:
+    """One streamed chunk for choice ``index`` (``logprobs``: those of the tokens behind ``text``)."""
     if req.kind == "chat":
         delta: dict = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": int(time.time()), "model": req.model, "choices": [choice]}
 

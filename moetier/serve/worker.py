@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 # messages put on a request's queue, in order:
 #   ("started", None)                     the engine took the request
-#   ("delta", (index, text, finish))      new text for completion ``index`` (finish: None or a reason)
+#   ("delta", (index, text, finish, lps)) new text for completion ``index`` (finish: None or a reason;
+#                                         lps: logprob entries of the tokens since the last delta, or None)
 #   ("done", [CompletionOutput, ...])     every completion finished
 #   ("error", Exception)                  the request failed (before "started": RequestError)
 
@@ -24,6 +25,14 @@ log = logging.getLogger(__name__)
 class _Live:
     out: "queue.Queue"
     seqs: list = field(default_factory=list)
+    sent_logprobs: dict = field(default_factory=dict)  # completion index -> logprob entries already sent
+
+    def new_logprobs(self, out) -> "list | None":
+        if out.logprobs is None:
+            return None
+        start = self.sent_logprobs.get(out.index, 0)
+        self.sent_logprobs[out.index] = len(out.logprobs)
+        return out.logprobs[start:]
 
 
 class EngineWorker:
@@ -106,7 +115,8 @@ class EngineWorker:
             for ev in events:
                 live = self._live.get(ev.seq.request_id)
                 if live is not None and (ev.delta or ev.finished):
-                    live.out.put(("delta", (ev.seq.out.index, ev.delta, ev.seq.out.finish_reason)))
+                    out = ev.seq.out
+                    live.out.put(("delta", (out.index, ev.delta, out.finish_reason, live.new_logprobs(out))))
             for rid, live in list(self._live.items()):
                 if all(s.finished for s in live.seqs):
                     del self._live[rid]

@@ -1,0 +1,96 @@
+"""Several models behind one server: load on first request, LRU eviction within the budget,
+503 when the budget is held by busy models, 429 past the request cap."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+
+import openai
+import pytest
+from live_server import KEY, LiveServer
+
+from moetier.demo import demo_path
+
+PROMPT = "12+34="
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    copy = tmp_path_factory.mktemp("models") / "copy"
+    shutil.copytree(demo_path(), copy)
+    # the demo model holds ~13.5 MiB loaded: the budget fits one model, not two
+    srv = LiveServer("--model", "demo", "--model", f"copy={copy}", "--host-memory", "20MiB", "--max-requests", "2")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key=KEY, max_retries=0)
+
+
+def _loaded(client) -> dict[str, bool]:
+    return {m.id: m.model_extra["loaded"] for m in client.models.list().data}
+
+
+def _ask(client, model: str) -> str:
+    return client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+
+
+def _open_stream(server, model: str) -> socket.socket:
+    """Start a long streamed completion on a raw socket and return once its first event arrived."""
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    assert got.startswith(b"HTTP/1.1 200"), got
+    return sock
+
+
+def test_models_load_on_demand_and_evict_lru(client):
+    assert _loaded(client) == {"demo": False, "copy": False}
+    assert _ask(client, "demo").strip() == "46"
+    assert _loaded(client) == {"demo": True, "copy": False}
+    assert _ask(client, "copy").strip() == "46"  # same weights, so the same answer
+    assert _loaded(client) == {"demo": False, "copy": True}  # demo was evicted to make room
+    assert _ask(client, "demo").strip() == "46"
+    assert _loaded(client) == {"demo": True, "copy": False}
+
+
+def test_busy_model_is_not_evicted_503(server, client):
+    _ask(client, "demo")
+    sock = _open_stream(server, "demo")  # demo is busy: it cannot make room for copy
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            _ask(client, "copy")
+        assert e.value.status_code == 503 and e.value.body["code"] == "model_busy"
+        assert "demo" in e.value.body["message"]
+    finally:
+        sock.close()
+    for _ in range(100):  # once the stream is gone the slot frees and copy can load
+        try:
+            assert _ask(client, "copy").strip() == "46"
+            break
+        except openai.InternalServerError:
+            time.sleep(0.05)
+    assert _loaded(client) == {"demo": False, "copy": True}
+
+
+def test_request_cap_429(server, client):
+    _ask(client, "demo")
+    socks = [_open_stream(server, "demo") for _ in range(2)]  # --max-requests 2
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            _ask(client, "demo")
+        assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
+    finally:
+        for s in socks:
+            s.close()
