@@ -129,6 +129,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(e)
 
     def do_POST(self):
+        t0 = time.perf_counter()  # TTFT counts from here: a model's load on first use is part of it
         model, status = "unknown", 500  # the metrics' labels: a request that names no served model is "unknown"
         try:
             raw = self._read_body()
@@ -148,7 +149,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.admit()
             try:
                 with self.server.pool.use(req.model) as entry:
-                    self._run(entry, req)
+                    self._run(entry, req, t0)
             finally:
                 self.server.leave()
             status = 200
@@ -180,8 +181,7 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             raise APIError(400, str(e), param="messages" if req.kind == "chat" else "prompt") from None
 
-    def _run(self, entry, req: ParsedRequest) -> None:
-        t0 = time.perf_counter()
+    def _run(self, entry, req: ParsedRequest, t0: float) -> None:
         ids = self._prompt_ids(entry.llm, req)
         worker = entry.worker
         rid, q = worker.submit(ids, req.params)
