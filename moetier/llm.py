@@ -56,7 +56,8 @@ class LLM:
         Offloading (any of ``device_memory``, ``expert_slots``, or ``host_memory`` on the CPU):
         the dense weights stay on ``device`` and the routed experts are served from the packed
         checkpoint (an HF folder is converted on first use into ``offload_dir``) through an
-        expert cache that gets what ``device_memory`` leaves (e.g. ``"6GiB"``).
+        expert cache that gets what ``device_memory`` leaves (e.g. ``"6GiB"``). On a GPU,
+        ``host_memory`` (e.g. ``"32GiB"``) adds a pinned host tier between disk and device.
         ``cache_policy``: ``lru``, ``lfu`` or ``activation``; ``prefetch``: ``trace`` (match
         the trace library), ``lookahead`` (next layer's router) or ``none``. Outputs are
         bit-identical to the all-resident run whatever the budget and policy.
@@ -87,7 +88,8 @@ class LLM:
             library = Path(offload_dir) / "traces.npz" if offload_dir else packed_path / "traces.npz"
             offload, self.memory = attach_offload(
                 self.model, self._packed, torch.device(device), parse_size(device_memory) if device_memory else None,
-                kv_reserve, policy=cache_policy, prefetch=prefetch, library_path=library, expert_slots=expert_slots)
+                kv_reserve, policy=cache_policy, prefetch=prefetch, library_path=library, expert_slots=expert_slots,
+                host_memory=parse_size(host_memory) if host_memory is not None and device != "cpu" else None)
         else:
             self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
             self.memory = {"device_bytes": _tensor_bytes(self.model) + self._kv_reserve(max_model_len)}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moetier import LLM, SamplingParams
+from moetier.experts.setup import moe_blocks
 from moetier.weights.loader import load_model
 from tiny import assert_logits_close, make_checkpoint, moetier_logits, reference_greedy, reference_logits
 
@@ -50,3 +51,28 @@ def test_bfloat16_on_cuda_runs(ckpt):
     llm = LLM(ckpt, device="cuda", dtype="bfloat16")
     out = llm.generate([{"prompt_token_ids": IDS}], SamplingParams(max_tokens=8, temperature=0.7, seed=1))
     assert 1 <= len(out[0].outputs[0].token_ids) <= 8
+
+
+@pytest.mark.parametrize("policy", ["lru", "activation"])
+def test_offloaded_on_cuda_with_host_tier_is_bit_identical(ckpt, policy, tmp_path):
+    """Disk -> pinned host tier -> device slots: same tokens and logprobs as all-resident on CUDA."""
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+    prompts = [{"prompt_token_ids": IDS}, {"prompt_token_ids": IDS[:4]}]
+
+    def run(llm):
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, [lp["logprob"] for lp in o.outputs[0].logprobs]) for o in outs]
+
+    resident = LLM(ckpt, device="cuda", dtype="float32")
+    want = run(resident)
+    experts = moe_blocks(resident.model)[0].experts.num_experts
+    llm = LLM(ckpt, device="cuda", dtype="float32", expert_slots=experts, host_memory="64MiB", offload_dir=tmp_path,
+              cache_policy=policy)
+    try:
+        assert llm.engine.offload.store.host is not None
+        assert run(llm) == want
+        assert run(llm) == want
+        s = llm.stats()
+        assert s["host_hits"] > 0 and s["bytes_host_to_device"] > s["bytes_disk_to_host"]
+    finally:
+        llm.close()

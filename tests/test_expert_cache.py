@@ -172,3 +172,58 @@ def test_trace_prediction_picks_the_matching_trace():
     partial[0] = [0, 0, 1, 8]  # first layer looks like text
     pred = lib.predict(partial, np.array([True, False, False]), top=1)
     assert pred[2].argmax() == 0 and pred[1].argmax() == 3
+
+
+class _CountingSource:
+    """Wraps a source and counts its reads per expert (the "disk" reads)."""
+
+    def __init__(self, inner):
+        self.inner, self.layout, self.reads = inner, inner.layout, []
+
+    def read_into(self, layer, expert, out):
+        self.reads.append((layer, expert))
+        self.inner.read_into(layer, expert, out)
+
+
+def test_host_tier_serves_device_misses_without_reading_the_source(source):
+    counting = _CountingSource(source)
+    store = ExpertStore(counting, num_slots=2, policy=LRUPolicy(), threads=2, host_slots=5)
+    try:
+        for _ in range(3):  # cycle 4 experts through 2 device slots: each round evicts all of them
+            for e in range(4):
+                got = store.acquire(1, [e])
+                assert torch.equal(got[e][0], source.gate_up[1][e]) and torch.equal(got[e][1], source.down[1][e])
+                store.release(1)
+        assert sorted(counting.reads) == [(1, e) for e in range(4)]  # read once each, then from the host tier
+        s = store.stats.as_dict()
+        assert s["misses"] == 12 and s["host_hits"] == 8
+        assert s["bytes_disk_to_host"] == 4 * store.layout.nbytes
+        assert s["bytes_host_to_device"] == 12 * store.layout.nbytes
+        for e in range(4, 6):  # two more experts: the host tier (5 slots) evicts its least recent one
+            store.acquire(1, [e])
+            store.release(1)
+        assert store.host.holds((1, 5)) and not store.host.holds((1, 0))
+        assert len(store.host._slot_of) <= store.host.num_slots == 5
+        assert store.host.nbytes == 5 * store.slot_bytes
+    finally:
+        store.close()
+
+
+def test_host_tier_read_error_frees_its_slot(source):
+    store = ExpertStore(source, num_slots=2, policy=LRUPolicy(), threads=2, host_slots=2)
+    real = source.read_into
+    source.read_into = lambda layer, expert, out: (_ for _ in ()).throw(OSError("bad sector"))
+    try:
+        with pytest.raises(OSError, match="bad sector"):
+            store.acquire(0, [1])
+        source.read_into = real
+        for e in range(3):  # both host slots are usable again
+            assert torch.equal(store.acquire(0, [e])[e][0], source.gate_up[0][e])
+            store.release(0)
+    finally:
+        store.close()
+
+
+def test_host_tier_needs_a_slot_per_loader(source):
+    with pytest.raises(ValueError, match="at least 4 slots"):
+        ExpertStore(source, num_slots=2, policy=LRUPolicy(), threads=4, host_slots=2)

@@ -39,13 +39,16 @@ def dense_bytes(model) -> int:
 
 def attach_offload(model, packed, device: torch.device, device_memory: Optional[int], kv_reserve: int,
                    policy: str = "activation", prefetch: str = "trace", library_path: Optional[Path] = None,
-                   expert_slots: Optional[int] = None, threads: int = 4) -> tuple[OffloadRuntime, dict]:
+                   expert_slots: Optional[int] = None, threads: int = 4,
+                   host_memory: Optional[int] = None) -> tuple[OffloadRuntime, dict]:
     """Replace each MoE block's experts by ones served from ``packed`` through a slot pool.
 
     The pool gets what ``device_memory`` leaves after the dense weights and
     ``kv_reserve`` (or exactly ``expert_slots`` slots); fewer slots than one
     layer's experts is an error that says the smallest budget that works.
-    Returns the runtime and the memory accounting.
+    ``host_memory`` (a GPU ``device``): a host tier of that many bytes of pinned
+    expert slots between the disk and the device. Returns the runtime and the
+    memory accounting.
     """
     from .sources import PackedSource
 
@@ -72,7 +75,14 @@ def attach_offload(model, packed, device: torch.device, device_memory: Optional[
         )
     total = len(blocks) * num_experts
     slots = min(slots, total)
-    store = ExpertStore(source, slots, make_policy(policy, len(blocks)), device, threads=threads)
+    host_slots = 0
+    if host_memory is not None and device.type != "cpu":
+        host_slots = min(host_memory // slot, total)
+        if host_slots < threads:
+            raise MoetierError(f"host_memory {fmt_size(host_memory)} is too small for a host tier: give at least "
+                               f"{fmt_size(threads * slot)} ({threads} experts of {fmt_size(slot)}), or none")
+    store = ExpertStore(source, slots, make_policy(policy, len(blocks)), device, threads=threads,
+                        host_slots=host_slots)
     library = TraceLibrary.load(library_path, len(blocks), num_experts) if library_path else \
         TraceLibrary(len(blocks), num_experts)
     top_k = getattr(blocks[0].gate, "top_k", 2)
@@ -83,7 +93,8 @@ def attach_offload(model, packed, device: torch.device, device_memory: Optional[
     log.info("offloading %d experts through %d slots (%s) on %s", total, slots, fmt_size(slots * slot), device)
     memory = {"device_budget": budget, "dense_bytes": dense, "kv_reserve": kv_reserve, "expert_slots": slots,
               "slot_bytes": slot, "device_bytes": dense + kv_reserve + store.nbytes,
-              "experts_total_bytes": total * source.layout.nbytes}
+              "experts_total_bytes": total * source.layout.nbytes,
+              "host_bytes": store.host.nbytes if store.host is not None else 0}
     return runtime, memory
 
 

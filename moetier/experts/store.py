@@ -8,8 +8,11 @@ the math sees are views of the slot: the same shapes and strides as resident
 weights, hence bit-identical results.
 
 Loads run on a thread pool (disk reads and host->device copies release the
-GIL); on CUDA the copy goes through a pinned staging buffer on a side stream
-and the compute stream waits on an event before using the slot.
+GIL); on CUDA the copy goes from pinned host memory on a side stream and the
+compute stream waits on an event before using the slot. With a host tier
+(``host_slots``) a load goes disk -> host tier -> slot and a device miss the
+host tier holds reads nothing from disk; without one, each load is read into
+the slot directly (CPU) or through a pinned staging buffer (CUDA).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Iterable, Optional, Protocol
 import torch
 
 from .cache import Key, Policy
+from .host_tier import HostTier
 
 ALIGN = 4096
 
@@ -72,6 +76,7 @@ class StoreStats:
     prefetched: int = 0  # loads started by the prefetcher
     wasted_prefetches: int = 0  # prefetched experts evicted before any use
     evictions: int = 0
+    host_hits: int = 0  # misses in the device slots that the host tier held (no disk read)
     bytes_disk_to_host: int = 0
     bytes_host_to_device: int = 0
     stall_s: float = 0.0  # time the forward pass waited for experts
@@ -95,7 +100,7 @@ class ExpertStore:
     """
 
     def __init__(self, source: ExpertSource, num_slots: int, policy: Policy, device: torch.device | str = "cpu",
-                 threads: int = 4):
+                 threads: int = 4, host_slots: int = 0):
         self.source = source
         self.layout = source.layout
         self.device = torch.device(device)
@@ -103,6 +108,12 @@ class ExpertStore:
         self.num_slots = num_slots
         self.slot_bytes = self.layout.slot_bytes
         self._alloc(num_slots)
+        self.host: Optional[HostTier] = None  # experts in host memory between the source and the slots
+        if host_slots:
+            if host_slots < threads:
+                raise ValueError(f"a host tier needs at least {threads} slots (one per loader thread), "
+                                 f"got {host_slots}")
+            self.host = HostTier(source, host_slots, pin=self.device.type == "cuda")
         self._lock = threading.Lock()
         self._slot_of: dict[Key, int] = {}  # resident or loading
         self._loading: dict[Key, Future] = {}
@@ -166,6 +177,14 @@ class ExpertStore:
     def _load(self, key: Key, slot: int) -> None:
         """Worker thread: bring ``key`` into ``slot``."""
         n = self.layout.nbytes
+        if self.host is not None:  # disk -> host tier (on a host miss) -> device slot
+            with self.host.hold(key) as (src, from_disk):
+                if from_disk:
+                    self.stats.bytes_disk_to_host += n
+                else:
+                    self.stats.host_hits += 1
+                self._to_device(key, slot, src)
+            return
         if not self._cuda:  # the whole (4 KiB-rounded) slot: one O_DIRECT read, no buffered tail
             self.source.read_into(key[0], key[1], self._pool[slot])
             self.stats.bytes_disk_to_host += n
@@ -177,15 +196,23 @@ class ExpertStore:
             staging = self._staging.buf = aligned_buffer(self.slot_bytes, pin=True)
         self.source.read_into(key[0], key[1], staging)
         self.stats.bytes_disk_to_host += n
-        with torch.cuda.stream(self._stream):
-            if self._released is not None:  # the slot's previous expert may still be read by compute
-                self._stream.wait_event(self._released)
-            self._pool[slot, :n].copy_(staging[:n], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self._stream)
-        ev.synchronize()  # the staging buffer is reused by this thread's next load
+        self._to_device(key, slot, staging)
+
+    def _to_device(self, key: Key, slot: int, src: torch.Tensor) -> None:
+        """Copy one expert's region from host buffer ``src`` into ``slot``; returns once ``src`` is free again."""
+        n = self.layout.nbytes
+        if not self._cuda:
+            self._pool[slot, :n].copy_(src[:n])
+        else:
+            with torch.cuda.stream(self._stream):
+                if self._released is not None:  # the slot's previous expert may still be read by compute
+                    self._stream.wait_event(self._released)
+                self._pool[slot, :n].copy_(src[:n], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self._stream)
+            ev.synchronize()  # src (staging or a host-tier slot) may be reused once this returns
+            self._events[key] = ev
         self.stats.bytes_host_to_device += n
-        self._events[key] = ev
 
     def _start(self, key: Key, layer: int, prefetch: bool) -> Optional[Future]:
         """Claim a slot for ``key`` and start loading it (lock held). None if no slot can be freed.

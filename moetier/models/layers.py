@@ -148,42 +148,53 @@ def attend_batch(
 ) -> torch.Tensor:
     """Write each sequence's new ``k, v`` (``[T, hk, d]``) to its cache and attend.
 
-    q is ``[T, hq, d]``; returns ``[T, hq * dv]``. A step where every sequence adds one
-    token (decode) attends in one padded call; otherwise each sequence attends on its own.
+    q is ``[T, hq, d]``; returns ``[T, hq * dv]``. The sequences that add one token
+    (decoding) attend together in one padded call; those that add several (prompt
+    chunks) attend one by one.
     """
-    if len(batch.caches) > 1 and batch.num_tokens == len(batch.caches):
-        return _attend_decode(batch, layer, q, kv, scale, window)
-    outs = []
+    decoding = [i for i, n in enumerate(batch.lengths) if n == 1]
+    if len(decoding) < 2:
+        decoding = []
+    if len(decoding) == len(batch.lengths):
+        return _attend_decode(batch, decoding, layer, q, kv, scale, window)
+    out = q.new_empty(q.shape[0], q.shape[1] * kv[-1].shape[-1])  # [T, hq * dv]
+    skip = set(decoding)
     for i, cache in enumerate(batch.caches):
+        if i in skip:
+            continue
         a, b = batch.offsets[i], batch.offsets[i + 1]
         parts = [t[a:b].transpose(0, 1) for t in kv]  # each [hk, n, d]
         k_all, v_all = cache.write(layer, batch.starts[i], *parts)
-        outs.append(attend(q[a:b].transpose(0, 1), k_all, v_all, batch.starts[i], scale, window))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        out[a:b] = attend(q[a:b].transpose(0, 1), k_all, v_all, batch.starts[i], scale, window)
+    if decoding:
+        out[[batch.offsets[i] for i in decoding]] = _attend_decode(batch, decoding, layer, q, kv, scale, window)
+    return out
 
 
 def _attend_decode(
-    batch: ForwardBatch, layer: int, q: torch.Tensor, kv: tuple[torch.Tensor, ...], scale: float,
+    batch: ForwardBatch, seqs: list[int], layer: int, q: torch.Tensor, kv: tuple[torch.Tensor, ...], scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """One new token per sequence: pad the B caches to the longest and attend in one call.
+    """Sequences ``seqs`` each add one token: pad their caches to the longest and attend in one call.
 
     One fused call instead of B small ones; the padding copy is the price, cheap next to
-    B kernel launches while contexts are short. q ``[B, hq, d]``, returns ``[B, hq * dv]``.
+    B kernel launches while contexts are short. Returns ``[B, hq * dv]`` in ``seqs`` order.
     """
-    B, hq, d = q.shape
-    views = [cache.write(layer, batch.starts[i], *(t[i : i + 1].transpose(0, 1) for t in kv))
-             for i, cache in enumerate(batch.caches)]  # per sequence: ([hk, L_i, d], [hk, L_i, dv])
+    rows = [batch.offsets[i] for i in seqs]  # each sequence's one token in the flat [T] layout
+    views = [batch.caches[i].write(layer, batch.starts[i], *(t[r : r + 1].transpose(0, 1) for t in kv))
+             for i, r in zip(seqs, rows)]  # per sequence: ([hk, L_i, d], [hk, L_i, dv])
     # pad_sequence pads the leading dim, so lay each cache out as [L_i, hk, d]
     k = pad_sequence([kk.transpose(0, 1) for kk, _ in views], batch_first=True).transpose(1, 2)  # [B, hk, L, d]
     v = pad_sequence([vv.transpose(0, 1) for _, vv in views], batch_first=True).transpose(1, 2)  # [B, hk, L, dv]
-    hk, L, dv = v.shape[1], v.shape[2], v.shape[3]
-    qpos = torch.tensor(batch.starts, device=q.device)[:, None]  # [B, 1]: each query's position
+    B, hk, L, dv = v.shape
+    hq, d = q.shape[1], q.shape[2]
+    qpos = torch.tensor([batch.starts[i] for i in seqs], device=q.device)[:, None]  # [B, 1]: each query's position
     kpos = torch.arange(L, device=q.device)[None, :]
     mask = kpos <= qpos  # [B, L]: a sequence's own keys; the padding past its length is masked
     if window:
         mask &= kpos > qpos - window
-    qg = q.reshape(B, hk, hq // hk, d)  # grouped-query heads folded into query rows, as in attend()
+    qb = q[rows[0] : rows[-1] + 1] if rows == list(range(rows[0], rows[0] + B)) else q[rows]  # [B, hq, d]
+    qg = qb.reshape(B, hk, hq // hk, d)  # grouped-query heads folded into query rows, as in attend()
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(B, hq * dv)
 

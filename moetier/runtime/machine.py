@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: attention of decoding sequences batched into one call
 
 
 @dataclass
