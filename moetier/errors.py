@@ -19,3 +19,7 @@ class RequestError(MoetierError, ValueError):
 
 class TaskError(MoetierError, ValueError):
     """An evaluation task file is missing or has a malformed line."""
+
+
+class BenchError(MoetierError, ValueError):
+    """A benchmark cannot run as asked: a bad workload file, an unknown hardware name, a bad option."""

@@ -7,7 +7,6 @@ whitespace, equals its answer.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Optional
 import torch
 
 from .errors import TaskError
-from .models.moe import SparseMoeBlock
+from .jsonl import read_prompt_lines
 from .runtime.sampling import SamplingParams
 from .tokenizer import require
 
@@ -29,34 +28,14 @@ class TaskItem:
 
 def load_task(path: str | Path, limit: Optional[int] = None) -> list[TaskItem]:
     """Parse a JSONL task; a bad line is a TaskError naming the file and line number."""
-    path = Path(path)
     if limit is not None and limit < 1:
         raise TaskError(f"limit must be at least 1, got {limit}")
-    if not path.is_file():
-        raise TaskError(f"{path}: task file does not exist")
     items: list[TaskItem] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise TaskError(f"{path}: not UTF-8 text ({e})") from e
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict):
-            raise TaskError(f"{path}:{n}: expected an object with 'prompt' and 'answer', got {type(obj).__name__}")
-        missing = [k for k in ("prompt", "answer") if k not in obj]
-        if missing:
-            raise TaskError(f"{path}:{n}: missing key {' and '.join(repr(k) for k in missing)}")
-        prompt, answer = obj["prompt"], obj["answer"]
-        if not isinstance(prompt, str) or not prompt:
-            raise TaskError(f"{path}:{n}: 'prompt' must be a non-empty string")
+    for n, obj in read_prompt_lines(path, TaskError, ("prompt", "answer")):
+        answer = obj["answer"]
         if isinstance(answer, bool) or not isinstance(answer, (str, int)):
             raise TaskError(f"{path}:{n}: 'answer' must be a string (or an integer)")
-        items.append(TaskItem(prompt, str(answer)))
+        items.append(TaskItem(obj["prompt"], str(answer)))
         if limit is not None and len(items) >= limit:
             break
     if not items:
@@ -69,6 +48,9 @@ class RoutingCounts:
     """Routed token-slots per expert, per MoE layer, counted while installed as hooks.
 
     ``counts[layer]`` is ``[E]``: how many (token, top-k slot) pairs chose each expert.
+    The hooks read the expert ids each layer's experts module is called with,
+    ``experts(x [T, H], ids [T, k], weights [T, k])``: moetier's and transformers'
+    MoE blocks both call it that way, so the same counts work on either model.
     """
 
     counts: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -76,18 +58,24 @@ class RoutingCounts:
 
     def attach(self, model) -> "RoutingCounts":
         for i, layer in enumerate(model.model.layers):
-            block = getattr(layer, "mlp", None)
-            if isinstance(block, SparseMoeBlock):
-                self._handles.append(block.gate.register_forward_hook(self._hook(i, block.gate.weight.shape[0])))
+            experts = getattr(getattr(layer, "mlp", None), "experts", None)
+            if experts is not None:
+                self._handles.append(experts.register_forward_pre_hook(self._hook(i, experts.num_experts)))
         return self
 
     def _hook(self, layer: int, num_experts: int):
-        def count(module, inputs, output):
-            _, ids = output  # routers return (weights [T, k], expert ids [T, k])
-            c = torch.bincount(ids.reshape(-1), minlength=num_experts).cpu()
+        def count(module, args):
+            ids = args[1]  # [T, k] expert ids; transformers may mark a dropped slot with id E
+            c = torch.bincount(ids.reshape(-1), minlength=num_experts)[:num_experts].cpu()
             self.counts[layer] = self.counts[layer] + c if layer in self.counts else c
 
         return count
+
+    def take_distinct(self) -> list[int]:
+        """Distinct experts each MoE layer routed to since the last call, in layer order; resets the counts."""
+        distinct = [int((c > 0).sum()) for _, c in sorted(self.counts.items())]
+        self.counts.clear()
+        return distinct
 
     def detach(self) -> None:
         for h in self._handles:
