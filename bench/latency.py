@@ -205,9 +205,10 @@ def worker_moetier(spec: dict) -> None:
     off = Path(spec["offload_dir"])
     (off / "traces.npz").unlink(missing_ok=True)  # every configuration starts with an empty trace library
     kw = {} if spec["policy"] is None else dict(
-        device_memory=spec["budget"], offload_dir=off, cache_policy=spec["policy"], prefetch=spec["prefetch"])
+        device_memory=spec["budget"], offload_dir=off, cache_policy=spec["policy"], prefetch=spec["prefetch"],
+        host_memory=spec["host_memory"])
     t0 = time.perf_counter()
-    llm = LLM(spec["folder"], dtype="bfloat16", **kw)
+    llm = LLM(spec["folder"], dtype="bfloat16", device=spec["device"], **kw)
     load_s = time.perf_counter() - t0
     files = sorted(Path(spec["packed"]).glob("weights-*.bin")) if spec["policy"] else []
     drop = spec["cold"] == "per-token" and bool(files)
@@ -285,8 +286,11 @@ def worker_accelerate(spec: dict) -> None:
         off = Path(spec["offload_dir"])
         shutil.rmtree(off, ignore_errors=True)
         t0 = time.perf_counter()
+        # on a GPU: the device budget on GPU 0, host_memory on the CPU, the rest on disk
+        max_memory = {"cpu": spec["budget"]} if spec["device"] == "cpu" else \
+            {0: spec["budget"], "cpu": spec["host_memory"] or "1GiB"}
         model = AutoModelForCausalLM.from_pretrained(
-            spec["folder"], dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": spec["budget"]},
+            spec["folder"], dtype=torch.bfloat16, device_map="auto", max_memory=max_memory,
             offload_folder=str(off)).eval()
         out["load_s"] = round(time.perf_counter() - t0, 2)
         dm = getattr(model, "hf_device_map", {})
@@ -299,7 +303,7 @@ def worker_accelerate(spec: dict) -> None:
         files = sorted(p for p in off.rglob("*") if p.is_file()) + sorted(Path(spec["folder"]).glob("*.safetensors"))
         out["offload_folder_gib"] = round(sum(p.stat().st_size for p in off.rglob("*") if p.is_file()) / GIB, 3)
         drop = spec["cold"] == "per-token"
-        ids = torch.tensor([spec["prompt"]])
+        ids = torch.tensor([spec["prompt"]], device="cpu" if spec["device"] == "cpu" else 0)
 
         def gen(n, streamer=None):
             with torch.no_grad():
@@ -424,6 +428,11 @@ def main() -> None:
                     help="scale a quarter of each router's rows by this (0: random routing)")
     ap.add_argument("--budget", default="2GiB",
                     help="RAM budget for both engines (moetier device_memory, accelerate max_memory['cpu'])")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or cuda: --budget is then the GPU budget of both engines (moetier device_memory, "
+                         "accelerate max_memory[0]) and --host-memory their host tier")
+    ap.add_argument("--host-memory", default=None, metavar="SIZE",
+                    help="with --device cuda: moetier's pinned host tier and accelerate's max_memory['cpu']")
     ap.add_argument("--policies", nargs="+", default=["lru", "lfu", "activation"])
     ap.add_argument("--prefetch", nargs="+", default=["trace", "lookahead", "none"])
     ap.add_argument("--rounds", type=int, default=2,
@@ -516,7 +525,8 @@ def main() -> None:
                 "vocab": args.vocab, "prompt_len": args.prompt_len,
                 "prompt": prompt_ids(args.vocab, args.prompt_len, 0),
                 "new_tokens": args.new_tokens, "warmup_requests": args.warmup_requests,
-                "warmup_tokens": args.warmup_tokens, "cold": args.cold, "threads": args.threads}
+                "warmup_tokens": args.warmup_tokens, "cold": args.cold, "threads": args.threads,
+                "device": args.device, "host_memory": args.host_memory}
         specs = []
         if not args.skip_resident:
             specs.append({**base, "kind": "moetier", "policy": None, "prefetch": None, "warmup_requests": 1})
