@@ -10,7 +10,7 @@ from moetier.runtime.kv_cache import SeqKV
 
 
 @pytest.mark.parametrize("new", [[1, 1, 1, 1], [1, 3, 1, 1, 4], [5, 1]])  # new tokens per sequence this step
-@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("window", [None, 3, 8])  # 8: windowed keys within the group; 3: too few, per sequence
 @pytest.mark.parametrize("hq, hk", [(4, 2), (4, 4)])
 def test_batched_equals_per_sequence(new, window, hq, hk):
     torch.manual_seed(0)
@@ -27,6 +27,8 @@ def test_batched_equals_per_sequence(new, window, hq, hk):
     batch = ForwardBatch.build(caches, new, "cpu")
     T = sum(new)
     q, k_new, v_new = torch.randn(T, hq, d), torch.randn(T, hk, d), torch.randn(T, hk, d)
+    group = batch.decode_group()
+    assert (group is not None) == (new.count(1) >= 2)  # the padded call is what is under test
     got = attend_batch(batch, 0, q, (k_new, v_new), 0.3, window)  # [T, hq * d]
     for i, (k, v) in enumerate(history):
         a, b = batch.offsets[i], batch.offsets[i + 1]
@@ -34,3 +36,14 @@ def test_batched_equals_per_sequence(new, window, hq, hk):
         v_all = torch.cat([v, v_new[a:b].transpose(0, 1)], dim=1)
         want = attend(q[a:b].transpose(0, 1), k_all, v_all, cached[i], 0.3, window)  # [n, hq * d]
         torch.testing.assert_close(got[a:b], want, rtol=1e-5, atol=1e-6)
+
+
+def test_group_is_skipped_when_padding_would_dominate():
+    caches = []
+    for n in (3, 200, 2):  # one long cache: padding the short ones to it would read 3x the keys
+        c = SeqKV(1, 4, "cpu", torch.float32)
+        c.write(0, 0, torch.zeros(2, n, 8), torch.zeros(2, n, 8))
+        c.length = n
+        caches.append(c)
+    assert ForwardBatch.build(caches, [1, 1, 1], "cpu").decode_group() is None
+    assert ForwardBatch.build(caches[::2], [1, 1], "cpu").decode_group().seqs == [0, 1]

@@ -339,3 +339,5 @@ class ExpertStore:
 
     def close(self) -> None:
         self._pool_exec.shutdown(wait=True, cancel_futures=True)
+        if self.host is not None:
+            self.host.close()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from ..runtime.batch import ForwardBatch
+from ..runtime.batch import DecodeGroup, ForwardBatch
 from .args import BaseModelArgs, RopeArgs
 
 
@@ -149,16 +149,16 @@ def attend_batch(
     """Write each sequence's new ``k, v`` (``[T, hk, d]``) to its cache and attend.
 
     q is ``[T, hq, d]``; returns ``[T, hq * dv]``. The sequences that add one token
-    (decoding) attend together in one padded call; those that add several (prompt
-    chunks) attend one by one.
+    (decoding) attend together in one padded call (see ``ForwardBatch.decode_group``);
+    the others (prompt chunks) attend one by one.
     """
-    decoding = [i for i, n in enumerate(batch.lengths) if n == 1]
-    if len(decoding) < 2:
-        decoding = []
-    if len(decoding) == len(batch.lengths):
-        return _attend_decode(batch, decoding, layer, q, kv, scale, window)
+    group = batch.decode_group()
+    if group is not None and window and group.length > 2 * window:
+        group = None  # most of each cache is outside the window: per sequence, only the window is read
+    if group is not None and len(group.seqs) == len(batch.lengths):
+        return _attend_decode(batch, group, layer, q, kv, scale, window)
     out = q.new_empty(q.shape[0], q.shape[1] * kv[-1].shape[-1])  # [T, hq * dv]
-    skip = set(decoding)
+    skip = set(group.seqs) if group is not None else ()
     for i, cache in enumerate(batch.caches):
         if i in skip:
             continue
@@ -166,36 +166,34 @@ def attend_batch(
         parts = [t[a:b].transpose(0, 1) for t in kv]  # each [hk, n, d]
         k_all, v_all = cache.write(layer, batch.starts[i], *parts)
         out[a:b] = attend(q[a:b].transpose(0, 1), k_all, v_all, batch.starts[i], scale, window)
-    if decoding:
-        out[[batch.offsets[i] for i in decoding]] = _attend_decode(batch, decoding, layer, q, kv, scale, window)
+    if group is not None:
+        out[group.rows] = _attend_decode(batch, group, layer, q, kv, scale, window)
     return out
 
 
 def _attend_decode(
-    batch: ForwardBatch, seqs: list[int], layer: int, q: torch.Tensor, kv: tuple[torch.Tensor, ...], scale: float,
-    window: int | None,
+    batch: ForwardBatch, group: DecodeGroup, layer: int, q: torch.Tensor, kv: tuple[torch.Tensor, ...],
+    scale: float, window: int | None,
 ) -> torch.Tensor:
-    """Sequences ``seqs`` each add one token: pad their caches to the longest and attend in one call.
+    """The group's sequences each add one token: pad their caches to the longest and attend in one call.
 
-    One fused call instead of B small ones; the padding copy is the price, cheap next to
-    B kernel launches while contexts are short. Returns ``[B, hq * dv]`` in ``seqs`` order.
+    One fused call instead of B small ones; the padding copy is the price (bounded: the group
+    exists only while padding at most doubles the keys). Returns ``[B, hq * dv]`` in group order.
     """
-    rows = [batch.offsets[i] for i in seqs]  # each sequence's one token in the flat [T] layout
-    views = [batch.caches[i].write(layer, batch.starts[i], *(t[r : r + 1].transpose(0, 1) for t in kv))
-             for i, r in zip(seqs, rows)]  # per sequence: ([hk, L_i, d], [hk, L_i, dv])
+    B = len(group.seqs)
+    if group.first_row is not None:  # [B, hq, d] / [B, hk, d]: slices, no gather
+        qb, new = q[group.first_row : group.first_row + B], [t[group.first_row : group.first_row + B] for t in kv]
+    else:
+        qb, new = q[group.rows], [t[group.rows] for t in kv]
+    views = [batch.caches[i].write(layer, batch.starts[i], *(t[j, :, None] for t in new))
+             for j, i in enumerate(group.seqs)]  # per sequence: ([hk, L_i, d], [hk, L_i, dv])
     # pad_sequence pads the leading dim, so lay each cache out as [L_i, hk, d]
     k = pad_sequence([kk.transpose(0, 1) for kk, _ in views], batch_first=True).transpose(1, 2)  # [B, hk, L, d]
     v = pad_sequence([vv.transpose(0, 1) for _, vv in views], batch_first=True).transpose(1, 2)  # [B, hk, L, dv]
-    B, hk, L, dv = v.shape
+    hk, dv = v.shape[1], v.shape[3]
     hq, d = q.shape[1], q.shape[2]
-    qpos = torch.tensor([batch.starts[i] for i in seqs], device=q.device)[:, None]  # [B, 1]: each query's position
-    kpos = torch.arange(L, device=q.device)[None, :]
-    mask = kpos <= qpos  # [B, L]: a sequence's own keys; the padding past its length is masked
-    if window:
-        mask &= kpos > qpos - window
-    qb = q[rows[0] : rows[-1] + 1] if rows == list(range(rows[0], rows[0] + B)) else q[rows]  # [B, hq, d]
     qg = qb.reshape(B, hk, hq // hk, d)  # grouped-query heads folded into query rows, as in attend()
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask(window), scale=scale)
     return out.reshape(B, hq * dv)
 
 

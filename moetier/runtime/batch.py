@@ -8,10 +8,37 @@ per sequence, against that sequence's own KV cache. No padding is ever added.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from .kv_cache import SeqKV
+
+
+@dataclass
+class DecodeGroup:
+    """The sequences of a step that add one token each: they attend together in one padded call.
+
+    Built once per step (the same for every layer): which sequences, where their tokens sit
+    in the flat ``[T]`` layout, their query positions and, per sliding window, the mask.
+    """
+
+    seqs: list[int]  # indices into the batch
+    rows: torch.Tensor  # [B] their tokens in the flat [T] layout
+    first_row: Optional[int]  # the rows are first_row..first_row+B-1 (q[rows] is then a slice), else None
+    length: int  # the longest cache after the step: the padded key length L
+    qpos: torch.Tensor  # [B, 1] each query's position
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: Optional[int]) -> torch.Tensor:
+        """``[B, 1, 1, L]``: a query sees its own sequence's keys (within ``window``), never the padding."""
+        if window not in self._masks:
+            kpos = torch.arange(self.length, device=self.qpos.device)[None, :]
+            m = kpos <= self.qpos
+            if window:
+                m &= kpos > self.qpos - window
+            self._masks[window] = m[:, None, None, :]
+        return self._masks[window]
 
 
 @dataclass
@@ -27,6 +54,7 @@ class ForwardBatch:
     lengths: list[int]
     positions: torch.Tensor
     offsets: list[int] = field(init=False)
+    _decode: object = field(default=False, init=False, repr=False)  # DecodeGroup once computed (or None)
 
     def __post_init__(self):
         self.offsets = [0]
@@ -43,6 +71,22 @@ class ForwardBatch:
         starts = [c.length for c in caches]
         pos = torch.cat([torch.arange(s, s + n, dtype=torch.long) for s, n in zip(starts, lengths)])
         return cls(caches=caches, starts=starts, lengths=lengths, positions=pos.to(device))
+
+    def decode_group(self) -> Optional[DecodeGroup]:
+        """The decoding sequences worth attending together (None: fewer than two, or padding
+        them to the longest would more than double the keys read); computed once per step."""
+        if self._decode is False:
+            seqs = [i for i, n in enumerate(self.lengths) if n == 1]
+            length = max((self.starts[i] + 1 for i in seqs), default=0)
+            keys = sum(self.starts[i] + 1 for i in seqs)
+            self._decode = None
+            if len(seqs) >= 2 and len(seqs) * length <= 2 * keys:
+                rows = [self.offsets[i] for i in seqs]
+                first = rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None
+                device = self.positions.device
+                row_t = torch.tensor(rows, device=device)
+                self._decode = DecodeGroup(seqs, row_t, first, length, self.positions[row_t][:, None])
+        return self._decode
 
     def commit(self) -> None:
         """Make this step's tokens part of each sequence's history."""

@@ -106,11 +106,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             path = self.path.split("?", 1)[0]
             if path == "/health":
-                pool = self.server.pool
+                loaded = self.server.pool.loaded()
                 return self._send_json(200, {"status": "ok", "requests_inflight": self.server.inflight(),
-                                             "requests_live": sum(e.worker.live() for e in pool.loaded()),
-                                             "models_loaded": [e.name for e in pool.loaded()],
-                                             "aborted": sum(e.worker.aborted for e in pool.loaded())})
+                                             "requests_live": sum(m.worker.live() for m in loaded),
+                                             "models_loaded": [m.name for m in loaded],
+                                             "aborted": sum(m.worker.aborted for m in loaded)})
             if path == "/metrics":
                 data = self.server.metrics.render(self.server.pool, self.server.inflight()).encode()
                 self.send_response(200)
@@ -127,6 +127,9 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(404, f"no route GET {path}", code="not_found")
         except APIError as e:
             self._error(e)
+        except Exception as e:  # a bug answers 500; the server keeps running
+            log.exception("GET %s failed", self.path)
+            self._error(APIError(500, f"internal error: {e}", type="server_error"))
 
     def do_POST(self):
         t0 = time.perf_counter()  # TTFT counts from here: a model's load on first use is part of it
@@ -187,6 +190,8 @@ class Handler(BaseHTTPRequestHandler):
         rid, q = worker.submit(ids, req.params)
         kind, payload = q.get()
         if kind == "error":
+            if not isinstance(payload, RequestError):
+                raise APIError(500, f"the request could not start: {payload}", type="server_error")
             raise APIError(400, str(payload), param="messages" if req.kind == "chat" else "prompt",
                            code="context_length_exceeded" if "context" in str(payload) else None)
         cid = new_id(req.kind)
@@ -200,7 +205,8 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             worker.abort(rid)  # a no-op once finished; frees the slot when the client went away
         n_out = sum(len(o.token_ids) for o in outs)
-        self.server.metrics.tokens(req.model, len(ids), n_out, timing.ttft(), timing.tpot(n_out, len(outs)))
+        self.server.metrics.tokens(req.model, len(ids), n_out, timing.ttft(),
+                                   timing.tpot(max(len(o.token_ids) for o in outs)))
 
     def _stream(self, tokenizer, req: ParsedRequest, cid: str, q: queue.Queue, prompt_tokens: int,
                 timing: "_Timing") -> list:
@@ -259,9 +265,10 @@ class _Timing:
     def ttft(self) -> Optional[float]:
         return None if self.first is None else self.first - self.t0
 
-    def tpot(self, tokens: int, completions: int) -> Optional[float]:
-        """Mean gap between tokens after the first of each completion (None with nothing to average)."""
-        steps = tokens - completions
+    def tpot(self, longest: int) -> Optional[float]:
+        """Mean gap between tokens after the first, ``longest``: the most tokens of one completion
+        (the ``n`` completions of a request decode side by side). None with nothing to average."""
+        steps = longest - 1
         return (self.end - self.first) / steps if self.end is not None and steps > 0 else None
 
 

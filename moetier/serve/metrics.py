@@ -86,8 +86,8 @@ class Metrics:
         lines.extend(f'moetier_model_loaded{{model="{_esc(e.name)}"}} {int(e.loaded)}' for e in pool.entries.values())
         loaded = pool.loaded()
         family("moetier_model_device_bytes", "gauge", "bytes a loaded model holds on its device")
-        lines.extend(f'moetier_model_device_bytes{{model="{_esc(e.name)}"}} {e.footprint}' for e in loaded)
-        stats = [(e.name, e.llm.stats()) for e in loaded]
+        lines.extend(f'moetier_model_device_bytes{{model="{_esc(m.name)}"}} {m.footprint}' for m in loaded)
+        stats = [(m.name, m.llm.stats()) for m in loaded]
         stats = [(m, s) for m, s in stats if s]
         family("moetier_expert_cache_hit_rate", "gauge", "expert-cache hits / lookups of an offloaded model")
         lines.extend(f'moetier_expert_cache_hit_rate{{model="{_esc(m)}"}} {s["hit_rate"] or 0.0}' for m, s in stats)

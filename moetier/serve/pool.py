@@ -19,6 +19,16 @@ from .worker import EngineWorker
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What a loaded model had at one moment (see :meth:`ModelPool.loaded`)."""
+
+    name: str
+    llm: object
+    worker: EngineWorker
+    footprint: int
+
+
 @dataclass
 class Entry:
     """One registered model; ``llm`` and ``worker`` are set while it is loaded."""
@@ -30,7 +40,6 @@ class Entry:
     footprint: int = 0  # bytes it holds on the device once loaded (measured after the load)
     users: int = 0  # requests holding it; an entry in use is never evicted
     last_used: float = 0.0
-    loads: int = 0
 
     @property
     def loaded(self) -> bool:
@@ -67,18 +76,20 @@ class ModelPool:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def loaded(self) -> list[Entry]:
+    def loaded(self) -> list[Loaded]:
+        """The loaded models now: a snapshot, safe to read while another thread evicts one."""
         with self._lock:
-            return [e for e in self.entries.values() if e.loaded]
+            return [Loaded(e.name, e.llm, e.worker, e.footprint) for e in self.entries.values() if e.loaded]
 
     @contextmanager
     def use(self, name: str) -> Iterator[Entry]:
         """The loaded entry for ``name``, loading it (and evicting others) if needed; held until exit."""
         entry = self.entries[name]
         if not self._acquire(entry):
-            with self._loading:
+            with self._loading:  # evictions happen only under this lock, so the model stays loaded
                 if not self._acquire(entry):
                     self._load_entry(entry)
+                    self._acquire(entry)
         try:
             yield entry
         finally:
@@ -90,7 +101,7 @@ class ModelPool:
         for e in self.entries.values():
             with self._lock:
                 held = _detach(e)
-            _release(*held)
+            _release(*held, wait=10.0)
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -117,8 +128,6 @@ class ModelPool:
         worker = EngineWorker(llm).start()
         with self._lock:
             entry.llm, entry.worker, entry.footprint = llm, worker, llm.footprint()
-            entry.loads += 1
-            entry.users += 1
             entry.last_used = time.monotonic()
         log.info("loaded %s (%s%s) in %.1f s", entry.name, fmt_size(entry.footprint),
                  ", offloaded" if offload else "", time.perf_counter() - t0)
@@ -160,14 +169,20 @@ def _detach(entry: Entry) -> tuple:
     return held
 
 
-def _release(llm, worker: Optional[EngineWorker]) -> None:
-    """Stop the worker and free the model's memory now, before the next model loads."""
-    if worker is not None:
-        worker.stop()
-    if llm is None:
+def _release(llm, worker: Optional[EngineWorker], wait: Optional[float] = None) -> None:
+    """Stop the worker (waiting up to ``wait`` s for its step to end; None: as long as it takes)
+    and free the model's memory now, before the next model loads. Errors are logged, not raised:
+    the model is already out of the pool."""
+    try:
+        if worker is not None:
+            worker.stop(wait)
+        if llm is None:
+            return
+        device = llm.engine.device
+        llm.close()
+    except Exception:
+        log.exception("releasing a model failed")
         return
-    device = llm.engine.device
-    llm.close()
     del llm, worker
     gc.collect()
     if device.type == "cuda":

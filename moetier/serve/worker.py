@@ -7,6 +7,7 @@ import queue
 import threading
 import uuid
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..errors import RequestError
 from ..runtime.sampling import SamplingParams
@@ -54,10 +55,16 @@ class EngineWorker:
         """Requests submitted and not yet finished or aborted."""
         return len(self._live)
 
-    def stop(self) -> None:
+    def stop(self, wait: Optional[float] = None) -> None:
+        """Stop after the current step; wait up to ``wait`` seconds (None: until it has stopped)."""
         self._stopping = True
         self._cmds.put(("stop",))
-        self._thread.join(timeout=10)
+        while self._thread.is_alive():
+            self._thread.join(timeout=10 if wait is None else wait)
+            if wait is not None:
+                break
+            if self._thread.is_alive():
+                log.warning("waiting for the engine thread's step to end")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, queue.Queue]:
         """Queue a request; returns its id and the queue its messages arrive on."""
@@ -78,7 +85,9 @@ class EngineWorker:
             _, rid, ids, params, out = cmd
             try:
                 seqs = engine.add_request(rid, ids, params)
-            except RequestError as e:
+            except Exception as e:  # RequestError, or a bug: this request fails, the thread goes on
+                if not isinstance(e, RequestError):
+                    log.exception("adding a request failed")
                 out.put(("error", e))
                 return
             self._live[rid] = _Live(out, seqs)
