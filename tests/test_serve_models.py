@@ -91,6 +91,7 @@ def test_request_cap_429(server, client):
         with pytest.raises(openai.RateLimitError) as e:
             _ask(client, "demo")
         assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
+        assert e.value.response.headers["Retry-After"] == "1"
     finally:
         for s in socks:
             s.close()

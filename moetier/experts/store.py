@@ -180,14 +180,14 @@ class ExpertStore:
         if self.host is not None:  # disk -> host tier (on a host miss) -> device slot
             with self.host.hold(key) as (src, from_disk):
                 if from_disk:
-                    self.stats.bytes_disk_to_host += n
+                    self._count("bytes_disk_to_host", n)
                 else:
-                    self.stats.host_hits += 1
+                    self._count("host_hits", 1)
                 self._to_device(key, slot, src)
             return
         if not self._cuda:  # the whole (4 KiB-rounded) slot: one O_DIRECT read, no buffered tail
             self.source.read_into(key[0], key[1], self._pool[slot])
-            self.stats.bytes_disk_to_host += n
+            self._count("bytes_disk_to_host", n)
             return
         staging = getattr(self._staging, "buf", None)
         if staging is None:
@@ -195,8 +195,13 @@ class ExpertStore:
 
             staging = self._staging.buf = aligned_buffer(self.slot_bytes, pin=True)
         self.source.read_into(key[0], key[1], staging)
-        self.stats.bytes_disk_to_host += n
+        self._count("bytes_disk_to_host", n)
         self._to_device(key, slot, staging)
+
+    def _count(self, counter: str, n: int) -> None:
+        """Add to a stats counter from a loader thread (several run at once)."""
+        with self._lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + n)
 
     def _to_device(self, key: Key, slot: int, src: torch.Tensor) -> None:
         """Copy one expert's region from host buffer ``src`` into ``slot``; returns once ``src`` is free again."""
@@ -212,7 +217,7 @@ class ExpertStore:
                 ev.record(self._stream)
             ev.synchronize()  # src (staging or a host-tier slot) may be reused once this returns
             self._events[key] = ev
-        self.stats.bytes_host_to_device += n
+        self._count("bytes_host_to_device", n)
 
     def _start(self, key: Key, layer: int, prefetch: bool) -> Optional[Future]:
         """Claim a slot for ``key`` and start loading it (lock held). None if no slot can be freed.

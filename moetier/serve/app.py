@@ -70,16 +70,19 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _send_json(self, status: int, obj: dict) -> None:
+    def _send_json(self, status: int, obj: dict, headers: Optional[dict] = None) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
     def _error(self, e: APIError) -> None:
-        self._send_json(e.status, e.body())
+        # a full server or a busy model clears up within a request's time: tell clients when to retry
+        self._send_json(e.status, e.body(), {"Retry-After": "1"} if e.status in (429, 503) else None)
 
     def _auth(self) -> None:
         key = self.server.api_key
