@@ -239,6 +239,9 @@ def cmd_serve(args) -> int:
         args.threads = max(1, (os.cpu_count() or 2) - 1)
     if args.max_requests < 1:
         raise MoetierError(f"--max-requests must be at least 1, got {args.max_requests}")
+    import logging
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def load(name: str, path: str, device_memory):
         """Resident when the pool says it fits; otherwise offloaded within the whole budget."""
@@ -442,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MOETIER_API_KEY, else none)")
     p.add_argument("--max-requests", type=int, default=256, metavar="N",
                    help="requests served at once, all models; more get 429 (default: 256)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="info: model loads and evictions, one line per request (default); warning: problems only")
     p.set_defaults(func=cmd_serve)
 
     _add_bench_parser(sub)

@@ -118,6 +118,7 @@ class ModelPool:
         want = weights_on_disk(entry.path)
         offload = self.budget is not None and want > self.budget
         self._make_room(entry, self.budget if offload else want)
+        log.info("loading %s from %s%s", entry.name, entry.path, " (offloaded: bigger than the budget)" if offload else "")
         t0 = time.perf_counter()
         try:
             llm = self._load(entry.name, entry.path, self.budget if offload else None)
