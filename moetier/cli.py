@@ -45,9 +45,9 @@ def _add_model_args(p: argparse.ArgumentParser, many: bool = False, required: bo
                         "(default: a per-model folder under ~/.cache/moetier)")
     g.add_argument("--cache-policy", default="activation", choices=["activation", "lru", "lfu"],
                    help="expert cache replacement policy (default: activation)")
-    g.add_argument("--prefetch", default="trace", choices=["trace", "lookahead", "none"],
-                   help="predict coming experts from the trace library, the next layer's router, or not at all "
-                        "(default: trace)")
+    g.add_argument("--prefetch", default="lookahead", choices=["trace", "lookahead", "none"],
+                   help="read coming experts early, predicted by the next layer's router (lookahead, the default: "
+                        "the best measured), by the trace library of past requests (trace), or not at all")
     g.add_argument("--stats", action="store_true", help="print a one-line expert-cache summary at the end")
 
 

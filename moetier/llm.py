@@ -48,7 +48,7 @@ class LLM:
                  seed: Optional[int] = None, *, verify: bool = False,
                  device_memory: Optional[str | int] = None, host_memory: Optional[str | int] = None,
                  offload_dir: Optional[str | Path] = None, cache_policy: str = "activation",
-                 prefetch: str = "trace", expert_slots: Optional[int] = None):
+                 prefetch: str = "lookahead", expert_slots: Optional[int] = None):
         """Load ``model`` (a checkpoint folder, a packed folder, or ``"demo"``).
 
         ``verify``: check the checksum of every weight region while loading a packed folder.
@@ -58,8 +58,9 @@ class LLM:
         checkpoint (an HF folder is converted on first use into ``offload_dir``) through an
         expert cache that gets what ``device_memory`` leaves (e.g. ``"6GiB"``). On a GPU,
         ``host_memory`` (e.g. ``"32GiB"``) adds a pinned host tier between disk and device.
-        ``cache_policy``: ``lru``, ``lfu`` or ``activation``; ``prefetch``: ``trace`` (match
-        the trace library), ``lookahead`` (next layer's router) or ``none``. Outputs are
+        ``cache_policy``: ``lru``, ``lfu`` or ``activation``; ``prefetch``: ``lookahead`` (next
+        layer's router; the default, best in ``bench/latency.py``), ``trace`` (match the trace
+        library) or ``none``. Outputs are
         bit-identical to the all-resident run whatever the budget and policy.
         """
         self.config = EngineConfig(str(model), device, dtype, max_model_len, max_num_seqs, max_batch_tokens, seed)

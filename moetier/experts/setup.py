@@ -38,7 +38,7 @@ def dense_bytes(model) -> int:
 
 
 def attach_offload(model, packed, device: torch.device, device_memory: Optional[int], kv_reserve: int,
-                   policy: str = "activation", prefetch: str = "trace", library_path: Optional[Path] = None,
+                   policy: str = "activation", prefetch: str = "lookahead", library_path: Optional[Path] = None,
                    expert_slots: Optional[int] = None, threads: int = 4,
                    host_memory: Optional[int] = None) -> tuple[OffloadRuntime, dict]:
     """Replace each MoE block's experts by ones served from ``packed`` through a slot pool.
