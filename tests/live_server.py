@@ -56,3 +56,18 @@ def raw_call(server, method, path, body: bytes | None = None, key=KEY):
     data = r.read()
     conn.close()
     return r.status, json.loads(data)
+
+
+def open_stream(port: int, model: str, prompt: str) -> socket.socket:
+    """Start a long streamed completion on a raw socket and return once its first event arrived."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 120, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    assert got.startswith(b"HTTP/1.1 200"), got
+    return sock

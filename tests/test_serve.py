@@ -5,13 +5,12 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import socket
 import threading
 import time
 
 import openai
 import pytest
-from live_server import KEY, LiveServer, raw_call
+from live_server import KEY, LiveServer, open_stream, raw_call
 
 PROMPT = "12+34="
 
@@ -174,16 +173,7 @@ def test_two_concurrent_streams(client):
 
 def test_disconnect_aborts(server, client):
     before = server.health()["aborted"]
-    body = json.dumps({"model": "demo", "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "stream": True,
-                       "ignore_eos": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
-                 + b"\r\n\r\n" + body)
-    got = b""
-    while b"data: " not in got:
-        got += sock.recv(4096)
-    assert got.startswith(b"HTTP/1.1 200")
+    sock = open_stream(server.port, "demo", PROMPT)
     sock.close()  # the client goes away mid-stream
     deadline = time.time() + 10
     while (h := server.health())["aborted"] == before or h["requests_live"]:

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import socket
 import time
 
 import openai
 import pytest
-from live_server import KEY, LiveServer
+from live_server import KEY, LiveServer, open_stream
 
 from moetier.demo import demo_path
 
@@ -40,21 +38,6 @@ def _ask(client, model: str) -> str:
     return client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
 
 
-def _open_stream(server, model: str) -> socket.socket:
-    """Start a long streamed completion on a raw socket and return once its first event arrived."""
-    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "stream": True,
-                       "ignore_eos": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
-                 + b"\r\n\r\n" + body)
-    got = b""
-    while b"data: " not in got:
-        got += sock.recv(4096)
-    assert got.startswith(b"HTTP/1.1 200"), got
-    return sock
-
-
 def test_models_load_on_demand_and_evict_lru(client):
     assert _loaded(client) == {"demo": False, "copy": False}
     assert _ask(client, "demo").strip() == "46"
@@ -67,7 +50,7 @@ def test_models_load_on_demand_and_evict_lru(client):
 
 def test_busy_model_is_not_evicted_503(server, client):
     _ask(client, "demo")
-    sock = _open_stream(server, "demo")  # demo is busy: it cannot make room for copy
+    sock = open_stream(server.port, "demo", PROMPT)  # demo is busy: it cannot make room for copy
     try:
         with pytest.raises(openai.InternalServerError) as e:
             _ask(client, "copy")
@@ -86,7 +69,7 @@ def test_busy_model_is_not_evicted_503(server, client):
 
 def test_request_cap_429(server, client):
     _ask(client, "demo")
-    socks = [_open_stream(server, "demo") for _ in range(2)]  # --max-requests 2
+    socks = [open_stream(server.port, "demo", PROMPT) for _ in range(2)]  # --max-requests 2
     try:
         with pytest.raises(openai.RateLimitError) as e:
             _ask(client, "demo")
