@@ -164,6 +164,8 @@ class MLAttention(nn.Module):
     ("absorbed", cheaper for decode): whichever costs fewer multiply-adds.
     """
 
+    keep_unpacked = ("kv_b_proj",)  # the absorbed path reads its weight directly (models/prepack.py)
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer

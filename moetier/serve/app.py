@@ -134,9 +134,16 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("GET %s failed", self.path)
             self._error(APIError(500, f"internal error: {e}", type="server_error"))
 
+    def _record(self, model: str, status: int) -> None:
+        """Count this request in the metrics, once."""
+        if not self._recorded:
+            self._recorded = True
+            self.server.metrics.request_done(model, status)
+
     def do_POST(self):
         t0 = time.perf_counter()  # TTFT counts from here: a model's load on first use is part of it
         model, status = "unknown", 500  # the metrics' labels: a request that names no served model is "unknown"
+        self._recorded = False  # one handler serves every request of a keep-alive connection
         try:
             raw = self._read_body()
             path = self.path.split("?", 1)[0]
@@ -161,6 +168,7 @@ class Handler(BaseHTTPRequestHandler):
             status = 200
         except APIError as e:
             status = e.status
+            self._record(model, status)
             self._error(e)
         except _StreamFailed:
             self.close_connection = True  # the error went out inside the stream
@@ -169,12 +177,13 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as e:  # a bug answers 500 for this request; the server keeps running
             log.exception("request failed")
+            self._record(model, 500)
             try:
                 self._error(APIError(500, f"internal error: {e}", type="server_error"))
             except OSError:
                 self.close_connection = True
         finally:
-            self.server.metrics.request_done(model, status)
+            self._record(model, status)
 
     def _prompt_ids(self, llm, req: ParsedRequest) -> list[int]:
         try:
@@ -199,20 +208,26 @@ class Handler(BaseHTTPRequestHandler):
                            code="context_length_exceeded" if "context" in str(payload) else None)
         cid = new_id(req.kind)
         timing = _Timing(t0)
+
+        def finished(outs: list) -> None:
+            """Count the request before its last bytes go out, so a client that reads /metrics
+            right after its answer sees it."""
+            self.server.metrics.tokens(req.model, len(ids), sum(len(o.token_ids) for o in outs), timing.ttft(),
+                                       timing.tpot(max(len(o.token_ids) for o in outs)))
+            self._record(req.model, 200)
+
         try:
             if req.stream:
-                outs = self._stream(entry.llm.tokenizer, req, cid, q, len(ids), timing)
+                self._stream(entry.llm.tokenizer, req, cid, q, len(ids), timing, finished)
             else:
                 outs = _collect(q, timing)
+                finished(outs)
                 self._send_json(200, response(req, cid, outs, len(ids), entry.llm.tokenizer))
         finally:
             worker.abort(rid)  # a no-op once finished; frees the slot when the client went away
-        n_out = sum(len(o.token_ids) for o in outs)
-        self.server.metrics.tokens(req.model, len(ids), n_out, timing.ttft(),
-                                   timing.tpot(max(len(o.token_ids) for o in outs)))
 
     def _stream(self, tokenizer, req: ParsedRequest, cid: str, q: queue.Queue, prompt_tokens: int,
-                timing: "_Timing") -> list:
+                timing: "_Timing", finished) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -237,10 +252,11 @@ class Handler(BaseHTTPRequestHandler):
                            logprobs=logprobs_of(req.kind, lps, tokenizer) if lps else None))
             elif kind == "done":
                 timing.done()
+                finished(payload)
                 if req.include_usage:
                     send(usage_chunk(req, cid, prompt_tokens, sum(len(o.token_ids) for o in payload)))
                 send("[DONE]")
-                return payload
+                return
             else:
                 send(APIError(500, f"generation failed: {payload}", type="server_error").body())
                 send("[DONE]")
