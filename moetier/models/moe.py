@@ -179,12 +179,11 @@ class Experts(ExpertsBase):
     def prepack(self) -> int:
         """Move every expert's weights into oneDNN's layout (``models/prepack.py``: same results,
         faster on the CPU); the stacked parameters keep only their shapes. Returns matrices packed."""
-        from .prepack import _pack
+        from .prepack import keep_shape_only, pack_weight
 
-        self.packed = [(_pack(gu), _pack(dn)) for gu, dn in zip(self.gate_up_proj, self.down_proj)]
-        for name in ("gate_up_proj", "down_proj"):
-            p = getattr(self, name)
-            setattr(self, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))
+        self.packed = [(pack_weight(gu), pack_weight(dn)) for gu, dn in zip(self.gate_up_proj, self.down_proj)]
+        keep_shape_only(self, "gate_up_proj")
+        keep_shape_only(self, "down_proj")
         return 2 * len(self.packed)
 
 

@@ -22,8 +22,15 @@ def _packed_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None =
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-def _pack(w: torch.Tensor) -> torch.Tensor:
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """``w`` ``[out, in]`` in oneDNN's layout, for :func:`linear`."""
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+
+
+def keep_shape_only(module: nn.Module, name: str) -> None:
+    """Replace parameter ``name`` by a meta tensor of its shape and dtype once a packed copy holds its values."""
+    p = getattr(module, name)
+    setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -39,7 +46,7 @@ def supported(dtype: torch.dtype) -> bool:
     try:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(96, 80, generator=g).to(dtype)
-        packed = _pack(w)
+        packed = pack_weight(w)
         return all(torch.equal(F.linear(x, w), _packed_linear(x, packed))
                    for x in (torch.randn(n, 80, generator=g).to(dtype) for n in (1, 5, 64)))
     except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops
@@ -76,9 +83,8 @@ def prepack(model: nn.Module) -> int:
         for name, m in parent.named_children():
             if (type(m) is nn.Linear and name not in keep and counts[id(m.weight)] == 1
                     and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"):
-                m.register_buffer("packed", _pack(m.weight), persistent=False)
-                m.weight = nn.Parameter(torch.empty(m.weight.shape, dtype=m.weight.dtype, device="meta"),
-                                        requires_grad=False)
+                m.register_buffer("packed", pack_weight(m.weight), persistent=False)
+                keep_shape_only(m, "weight")
                 m.__class__ = PackedLinear
                 n += 1
             elif isinstance(m, Experts) and m.gate_up_proj.dtype == torch.bfloat16:
