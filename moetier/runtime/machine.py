@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-PROFILE_VERSION = 2  # 2: attention of decoding sequences batched into one call
+PROFILE_VERSION = 3  # 2: attention of decoding sequences batched into one call; 3: the wide-matmul path
 
 
 @dataclass
@@ -34,6 +34,11 @@ class MachineProfile:
     attn_flops: float  # FLOP/s of a prefill-sized attention call
     attn_call_s: float  # fixed cost of one sequence's attention in one layer (cache write + SDPA)
     op_s: float  # fixed cost of one small torch op
+    # bf16 on the CPU: calls of ``wide_rows`` rows or more upcast to float32 (models/prepack.py; 0: never),
+    # multiplying at ``wide_flops`` after converting their weight at ``upcast_bps`` (bf16 bytes/s)
+    wide_rows: int = 0
+    wide_flops: float = 0.0
+    upcast_bps: float = 0.0
     threads: int = 1
     measured_at: float = 0.0
 
@@ -45,7 +50,7 @@ class MachineProfile:
             return cls(
                 matmul_flops=_matmul_rate(dtype, d), stream_bps=_stream_rate(dtype, d), copy_bps=_copy_rate(d),
                 attn_flops=_attn_rate(dtype, d), attn_call_s=_attn_call_cost(dtype, d), op_s=_op_cost(d),
-                threads=torch.get_num_threads(), measured_at=time.time(),
+                **_wide_rates(dtype, d), threads=torch.get_num_threads(), measured_at=time.time(),
             )
 
     @classmethod
@@ -110,6 +115,23 @@ def _matmul_rate(dtype, device=torch.device("cpu")) -> float:
     x = torch.full((m, 1024), 0.01, dtype=dtype, device=device)
     w = torch.full((2048, 1024), 0.01, dtype=dtype, device=device)
     return 2 * m * 1024 * 2048 / _timed(lambda: F.linear(x, w), device=device)
+
+
+def _wide_rates(dtype, device=torch.device("cpu")) -> dict:
+    """The float32 path of wide bf16 matmuls on the CPU (models/prepack.py): from how many rows,
+    its multiply rate, and how fast it converts a (packed, where packing works) weight."""
+    from ..models import prepack
+
+    rows = prepack.upcast_rows(torch.get_num_threads()) if dtype == torch.bfloat16 and device.type == "cpu" else 0
+    if not rows or rows == prepack.NEVER:
+        return {}
+    w = torch.full((2048, 1024), 0.01, dtype=dtype)
+    w = prepack.pack_weight(w) if prepack.supported(dtype) else w
+    x = torch.full((512, 1024), 0.01, dtype=dtype)
+    t_conv = _timed(lambda: prepack.upcast_linear(x[:1], w), 3)  # the weight's conversion dominates at one row
+    t_all = _timed(lambda: prepack.upcast_linear(x, w), 3)
+    return {"wide_rows": rows, "wide_flops": 2 * 512 * 1024 * 2048 / max(t_all - t_conv, 1e-9),
+            "upcast_bps": 2048 * 1024 * dtype.itemsize / t_conv}
 
 
 def _stream_rate(dtype, device=torch.device("cpu")) -> float:

@@ -115,26 +115,32 @@ class ModelCost:
                      + e * 3 * inter * 2 * k / max(self.experts, 1))
         return int(1.25 * (tokens * per_token + rows * self.vocab * 8))
 
+    def matmul_s(self, rows: float, params: int, prof: MachineProfile) -> float:
+        """Seconds of ``rows`` rows through a weight of ``params`` parameters. The bf16/float32 kernels
+        stream the weight once and do 2 x rows x params FLOPs, times that add on CPUs at the
+        few-to-hundreds of rows a pass has; from ``wide_rows`` on, bf16 converts the weight to float32
+        and multiplies at the float32 rate instead (models/prepack.py)."""
+        if prof.wide_rows and rows >= prof.wide_rows:
+            return 2 * rows * params / prof.wide_flops + params * self.elem / prof.upcast_bps
+        return 2 * rows * params / prof.matmul_flops + params * self.elem / prof.stream_bps
+
     def pass_time(self, s: PassShape, moved_bytes: float, prof: MachineProfile, read_bps: Optional[float],
                   overlap: float = 1.0) -> dict:
         """Predicted seconds of one pass, by part; ``total`` is what the pass takes."""
-        F_, W, e = prof.matmul_flops, prof.stream_bps, self.elem
-        T = s.tokens
-        # a matmul streams its weights once and does 2 x T x params FLOPs; on CPUs the two overlap
-        # poorly at the few-to-hundreds of rows a pass has, so their times add
-        dense = sum(2 * T * p / F_ + p * e / W for p in self.linears) + len(self.linears) * prof.op_s
+        T, e = s.tokens, self.elem
+        dense = sum(self.matmul_s(T, p, prof) for p in self.linears) + len(self.linears) * prof.op_s
         experts = 0.0
         if self.moe_layers:
             U = self.experts_hit(T)
             n = T * self.top_k / U if U else 0.0
-            per = 2 * n * self.expert_params / F_ + self.expert_bytes / W + 8 * prof.op_s
+            per = self.matmul_s(n, self.expert_params, prof) + 8 * prof.op_s
             route = 16 * prof.op_s + 8 * T * self.top_k * self.hidden * e / prof.copy_bps
             experts = self.moe_layers * (U * per + route)
         attn = self.layers * (s.seqs * prof.attn_call_s
                               + max(s.pairs * self.attn_flops_per_pair / prof.attn_flops,
                                     s.ctx * self.kv_bytes_per_token / self.layers / prof.copy_bps))
         other = self.layers * (30 * prof.op_s + 24 * T * self.hidden * e / prof.copy_bps)
-        head = (2 * s.rows * self.head / F_ + self.head * e / W if s.rows else 0.0) \
+        head = (self.matmul_s(s.rows, self.head, prof) if s.rows else 0.0) \
             + s.rows * (self.row_s + 8 * self.vocab / prof.copy_bps)
         compute = dense + experts + attn + other + head
         transfer = moved_bytes / read_bps if moved_bytes and read_bps else 0.0
@@ -364,6 +370,9 @@ class Planner:
         profile = {"matmul_gflop_s": round(prof.matmul_flops / 1e9, 1), "stream_gb_s": round(prof.stream_bps / 1e9, 2),
                    "copy_gb_s": round(prof.copy_bps / 1e9, 2), "attn_call_us": round(prof.attn_call_s * 1e6, 1),
                    "op_us": round(prof.op_s * 1e6, 2), "row_us": round(c.row_s * 1e6, 1), "threads": prof.threads}
+        if prof.wide_rows:
+            profile.update(wide_rows=prof.wide_rows, wide_gflop_s=round(prof.wide_flops / 1e9, 1),
+                           upcast_gb_s=round(prof.upcast_bps / 1e9, 2))
         if self.read_bps:
             profile["read_gb_s"] = round(self.read_bps / 1e9, 2)
             profile["read_overlap"] = round(self.overlap, 2)
