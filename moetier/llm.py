@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
@@ -277,7 +278,13 @@ class LLM:
 
         e = self.engine
         if self.machine_profile is None:
-            self.machine_profile = MachineProfile.load_or_measure(e.dtype, device=e.device)
+            prof = MachineProfile.load_or_measure(e.dtype, device=e.device)
+            if prof.wide_rows:  # the cached rates, with the threshold this process's matmuls use
+                from .models.prepack import NEVER, upcast_rows
+
+                live = upcast_rows(torch.get_num_threads())
+                prof = dataclasses.replace(prof, wide_rows=0 if live == NEVER else live)
+            self.machine_profile = prof
         store = e.offload.store if e.offload is not None else None
         if self._planner_inputs is None:
             inputs = {"row_s": measure_row_cost(self.tokenizer, self.args.vocab_size), "read_bps": None,

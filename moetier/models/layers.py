@@ -185,6 +185,8 @@ def _attend_decode(
         qb, new = q[group.first_row : group.first_row + B], [t[group.first_row : group.first_row + B] for t in kv]
     else:
         qb, new = q[group.rows], [t[group.rows] for t in kv]
+    if group.pool is not None and all(batch.caches[i].pooled(layer) for i in group.seqs):
+        return _attend_pool(batch, group, layer, qb, new, scale, window)
     views = [batch.caches[i].write(layer, batch.starts[i], *(t[j, :, None] for t in new))
              for j, i in enumerate(group.seqs)]  # per sequence: ([hk, L_i, d], [hk, L_i, dv])
     # pad_sequence pads the leading dim, so lay each cache out as [L_i, hk, d]
@@ -195,6 +197,29 @@ def _attend_decode(
     qg = qb.reshape(B, hk, hq // hk, d)  # grouped-query heads folded into query rows, as in attend()
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask(window), scale=scale)
     return out.reshape(B, hq * dv)
+
+
+def _attend_pool(
+    batch: ForwardBatch, group: DecodeGroup, layer: int, qb: torch.Tensor, new: list[torch.Tensor],
+    scale: float, window: int | None,
+) -> torch.Tensor:
+    """:func:`_attend_decode` on a KV pool: one scatter writes the B new tokens into their rows and
+    one call attends over the pool's rows from the group's first to its last as they lie (no
+    per-sequence copies, no padding copy)."""
+    pool, slots = group.pool, group.slots
+    pos = torch.tensor([batch.starts[i] for i in group.seqs], device=slots.device)
+    bufs = pool.layer(layer, tuple(t[0, :, None] for t in new))  # each [slots, hk, cap, d]
+    (lo, hi), L = group.pool_rows, group.length
+    rows = [b[lo:hi] for b in bufs]
+    for buf, t in zip(rows, new):
+        buf[slots, :, pos] = t  # [B, hk, d]
+    S, hk, dv = hi - lo, rows[-1].shape[1], rows[-1].shape[3]
+    hq, d = qb.shape[1], qb.shape[2]
+    qs = qb.new_zeros(S, hq, d)
+    qs[slots] = qb
+    out = F.scaled_dot_product_attention(qs.view(S, hk, hq // hk, d), rows[0][:, :, :L], rows[-1][:, :, :L],
+                                         attn_mask=group.mask(window, pooled=True), scale=scale)
+    return out.reshape(S, hq * dv)[slots]
 
 
 class Attention(nn.Module):

@@ -48,7 +48,7 @@ def keep_shape_only(module: nn.Module, name: str) -> None:
 
 NEVER = 1 << 62  # upcast_rows() where the float32 path never wins
 UPCAST_ENV = "MOETIER_UPCAST_ROWS"  # a fixed threshold instead of the probe; 0 turns upcasting off
-PROBE_ROWS = (32, 64, 128, 256, 512)
+PROBE_ROWS = (32, 64, 96, 128, 192, 256, 384, 512)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

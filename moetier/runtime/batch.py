@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .kv_cache import SeqKV
+from .kv_cache import KVPool, SeqKV
 
 
 @dataclass
@@ -28,17 +28,26 @@ class DecodeGroup:
     first_row: Optional[int]  # the rows are first_row..first_row+B-1 (q[rows] is then a slice), else None
     length: int  # the longest cache after the step: the padded key length L
     qpos: torch.Tensor  # [B, 1] each query's position
+    pool: Optional[KVPool] = None  # all their caches are rows of this pool: attend on it directly
+    slots: Optional[torch.Tensor] = None  # [B] their pool rows, counted from pool_rows[0]
+    pool_rows: tuple[int, int] = (0, 0)  # the pool's rows [lo, hi) the call attends over: the group's and between
     _masks: dict = field(default_factory=dict)
 
-    def mask(self, window: Optional[int]) -> torch.Tensor:
-        """``[B, 1, 1, L]``: a query sees its own sequence's keys (within ``window``), never the padding."""
-        if window not in self._masks:
-            kpos = torch.arange(self.length, device=self.qpos.device)[None, :]
-            m = kpos <= self.qpos
+    def mask(self, window: Optional[int], pooled: bool = False) -> torch.Tensor:
+        """``[B, 1, 1, L]``: a query sees its own sequence's keys (within ``window``), never the padding.
+        ``pooled``: ``[S, 1, 1, L]`` over the pool's ``S`` rows ``pool_rows``, where the rows of sequences
+        outside the group see key 0 only (their outputs are dropped; a row must see something)."""
+        if (window, pooled) not in self._masks:
+            qpos = self.qpos
+            if pooled:
+                qpos = qpos.new_zeros(self.pool_rows[1] - self.pool_rows[0], 1)
+                qpos[self.slots] = self.qpos
+            kpos = torch.arange(self.length, device=qpos.device)[None, :]
+            m = kpos <= qpos
             if window:
-                m &= kpos > self.qpos - window
-            self._masks[window] = m[:, None, None, :]
-        return self._masks[window]
+                m &= kpos > qpos - window
+            self._masks[window, pooled] = m[:, None, None, :]
+        return self._masks[window, pooled]
 
 
 @dataclass
@@ -85,7 +94,17 @@ class ForwardBatch:
                 first = rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None
                 device = self.positions.device
                 row_t = torch.tensor(rows, device=device)
-                self._decode = DecodeGroup(seqs, row_t, first, length, self.positions[row_t][:, None])
+                group = DecodeGroup(seqs, row_t, first, length, self.positions[row_t][:, None])
+                pool = self.caches[seqs[0]].pool
+                if pool is not None and all(self.caches[i].pool is pool for i in seqs):
+                    slots = [self.caches[i].slot for i in seqs]
+                    # the pool's rows from the group's first to its last are attended, those of other
+                    # sequences in between too: only while that at most doubles the keys read
+                    lo, hi = min(slots), max(slots) + 1
+                    if (hi - lo) * length <= 2 * keys:
+                        group.pool, group.pool_rows = pool, (lo, hi)
+                        group.slots = torch.tensor(slots, device=device) - lo
+                self._decode = group
         return self._decode
 
     def commit(self) -> None:

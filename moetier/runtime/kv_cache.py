@@ -1,34 +1,88 @@
-"""Per-sequence KV storage.
+"""KV storage: one :class:`SeqKV` per sequence, optionally a row of a shared :class:`KVPool`.
 
-Each sequence owns one :class:`SeqKV`. Attention modules store whatever their
-layer needs (keys and values for GQA; the compressed latent for MLA) as a
-tuple of buffers shaped ``[heads, capacity, dim]`` so that the live prefix
-``[:, :length]`` is a view, never a copy.
+Attention modules store whatever their layer needs (keys and values for GQA; the
+compressed latent for MLA) as a tuple of buffers shaped ``[heads, capacity, dim]`` so
+that the live prefix ``[:, :length]`` is a view, never a copy.
+
+A pool holds the buffers of many sequences in one tensor per layer and part,
+``[slots, heads, capacity, dim]``: a sequence's buffers are its row, so the same
+``SeqKV`` code reads and writes them, and sequences that each add one token attend
+together straight on the pool (``models/layers.py``) instead of on padded copies of
+their caches. The throughput runner uses one, where every sequence's reservation is
+known up front.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-class SeqKV:
-    """KV buffers of one sequence across all layers; grows by doubling."""
+class KVPool:
+    """KV buffers of up to ``slots`` sequences of up to ``capacity`` tokens, allocated per layer
+    on first use (zeroed: attention over a row's unused tail must read finite numbers)."""
 
-    def __init__(self, num_layers: int, capacity: int, device: torch.device | str, dtype: torch.dtype):
+    def __init__(self, num_layers: int, slots: int, capacity: int, device: torch.device | str, dtype: torch.dtype):
+        self.slots = int(slots)
+        self.capacity = int(capacity)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.layers: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers
+        self._free = list(range(self.slots - 1, -1, -1))  # pop() gives the lowest free slot
+
+    def take(self, num_layers: int) -> "SeqKV":
+        """A cache for one more sequence, in the lowest free slot."""
+        if not self._free:
+            raise RuntimeError(f"all {self.slots} KV pool slots are taken")
+        slot = self._free.pop()
+        return SeqKV(num_layers, self.capacity, self.device, self.dtype, pool=self, slot=slot)
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+    def layer(self, layer: int, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The pool's buffers of ``layer`` (``[slots, heads, capacity, dim]`` per part), shaped like ``parts``."""
+        bufs = self.layers[layer]
+        if bufs is None:
+            bufs = tuple(torch.zeros((self.slots, p.shape[0], self.capacity, p.shape[2]), dtype=self.dtype,
+                                     device=self.device) for p in parts)
+            self.layers[layer] = bufs
+        return bufs
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for bufs in self.layers if bufs for b in bufs)
+
+
+class SeqKV:
+    """KV buffers of one sequence across all layers; grows by doubling (out of its pool row, if it has one)."""
+
+    def __init__(self, num_layers: int, capacity: int, device: torch.device | str, dtype: torch.dtype,
+                 pool: Optional[KVPool] = None, slot: int = -1):
         self.capacity = max(int(capacity), 1)
         self.device = torch.device(device)
         self.dtype = dtype
         self.length = 0  # tokens committed (visible to later steps)
+        self.pool, self.slot = pool, slot
+        self._outgrown: set[int] = set()  # layers whose buffers had to leave the pool row
         self._layers: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers
+
+    def pooled(self, layer: int) -> bool:
+        """Whether ``layer``'s buffers are this sequence's row of its pool (not grown out of it)."""
+        return self.pool is not None and layer not in self._outgrown
 
     def write(self, layer: int, start: int, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store ``parts`` (each ``[heads, n, dim]``) at ``start`` and return views of ``[:start+n]``."""
         n = parts[0].shape[1]
         end = start + n
         bufs = self._layers[layer]
+        if bufs is None and self.pool is not None:
+            bufs = self._layers[layer] = tuple(b[self.slot] for b in self.pool.layer(layer, parts))
         if bufs is None or end > bufs[0].shape[1]:
             bufs = self._grow(bufs, parts, end)
             self._layers[layer] = bufs
+            self._outgrown.add(layer)
         for buf, part in zip(bufs, parts):
             buf[:, start:end].copy_(part)
         return tuple(buf[:, :end] for buf in bufs)
@@ -46,5 +100,14 @@ class SeqKV:
                 new[:, : prev.shape[1]].copy_(prev)
         return bufs
 
+    def release(self) -> None:
+        """Give the pool row back (a private cache is simply dropped with the object)."""
+        if self.pool is not None:
+            self.pool.give_back(self.slot)
+            self.pool = None
+        self._layers = [None] * len(self._layers)
+
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for bufs in self._layers if bufs for b in bufs)
+        """Bytes of this sequence's own buffers (a pool row counts in the pool)."""
+        return sum(b.numel() * b.element_size() for i, bufs in enumerate(self._layers)
+                   if bufs and not self.pooled(i) for b in bufs)

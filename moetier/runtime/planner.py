@@ -16,6 +16,7 @@ tokens/s that fits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -26,6 +27,8 @@ from ..errors import MoetierError
 from ..units import fmt_size
 from .machine import MachineProfile
 
+# the standard normal's quantiles at (i + 0.5) / 8: eight equally likely points of a spread
+_NORMAL_8 = (-1.534, -0.887, -0.489, -0.157, 0.157, 0.489, 0.887, 1.534)
 CHUNKS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # prompt tokens per pass the planner tries
 
 
@@ -124,6 +127,17 @@ class ModelCost:
             return 2 * rows * params / prof.wide_flops + params * self.elem / prof.upcast_bps
         return 2 * rows * params / prof.matmul_flops + params * self.elem / prof.stream_bps
 
+    def expert_matmul_s(self, tokens: float, mean_rows: float, prof: MachineProfile) -> float:
+        """One hit expert's matmul time, ``mean_rows`` rows on average. Where the wide path starts at
+        some row count, the spread of rows across experts matters (half the experts of a pass may fall
+        short of it): averaged over eight equally likely row counts of the binomial spread of
+        ``tokens`` tokens choosing ``top_k`` of ``experts`` experts (uniform routing)."""
+        if not prof.wide_rows:
+            return self.matmul_s(mean_rows, self.expert_params, prof)
+        p = min(self.top_k / max(self.experts, 1), 1.0)
+        sd = math.sqrt(tokens * p * (1 - p))
+        return sum(self.matmul_s(max(mean_rows + z * sd, 1.0), self.expert_params, prof) for z in _NORMAL_8) / 8
+
     def pass_time(self, s: PassShape, moved_bytes: float, prof: MachineProfile, read_bps: Optional[float],
                   overlap: float = 1.0) -> dict:
         """Predicted seconds of one pass, by part; ``total`` is what the pass takes."""
@@ -133,7 +147,7 @@ class ModelCost:
         if self.moe_layers:
             U = self.experts_hit(T)
             n = T * self.top_k / U if U else 0.0
-            per = self.matmul_s(n, self.expert_params, prof) + 8 * prof.op_s
+            per = self.expert_matmul_s(T, n, prof) + 8 * prof.op_s
             route = 16 * prof.op_s + 8 * T * self.top_k * self.hidden * e / prof.copy_bps
             experts = self.moe_layers * (U * per + route)
         attn = self.layers * (s.seqs * prof.attn_call_s

@@ -11,7 +11,9 @@ strings and EOS behave identically). What it owns is the schedule:
   padding), so every dense matmul and every expert runs once per pass on all
   its tokens and each expert's weights are read (and, offloaded, moved) once;
 - KV caches reserved up front for each sequence's prompt + max_tokens, and
-  sequences admitted only while the reservations fit the planned KV budget;
+  sequences admitted only while the reservations fit the planned KV budget; the
+  caches are rows of one :class:`~moetier.runtime.kv_cache.KVPool` when a row per
+  sequence slot fits the budget, so decode attention reads them in place;
 - prompts of joining sequences cut into chunks under a per-pass token budget,
   so joining never stalls the sequences already decoding; a finished sequence
   leaves the pass it finishes and a waiting one joins in its place;
@@ -31,7 +33,7 @@ from typing import Iterator, Optional
 
 from ..errors import MoetierError
 from ..units import fmt_size
-from .kv_cache import SeqKV
+from .kv_cache import KVPool, SeqKV
 from .planner import Plan, PassShape, Planner
 from .sequence import Sequence
 from .step import forward_step
@@ -49,6 +51,7 @@ class RunReport:
     seconds: float = 0.0
     peak_seqs: int = 0
     peak_kv_reserved: int = 0
+    kv_pool_bytes: int = 0  # the KV pool's size (0: a cache per sequence)
     expert_bytes_read: int = 0
     shapes: list[PassShape] = field(default_factory=list, repr=False)
     predicted_tok_s: Optional[float] = None
@@ -115,6 +118,13 @@ class ThroughputRunner:
         store = e.offload.store if e.offload is not None else None
         read0 = store.stats.bytes_disk_to_host if store is not None else 0
         t_start = time.perf_counter()
+        # one KV pool row per sequence slot when the longest reservation times the slots fits the
+        # budget (decode attention then runs on the pool as it lies); else a cache per sequence
+        longest = max((self.reserve_tokens(s) for s in seqs), default=0)
+        slots = min(plan.max_seqs, len(seqs))
+        pool = KVPool(e.num_layers, slots, longest, e.device, e.dtype) \
+            if seqs and slots * longest * kv_tok <= plan.kv_budget else None
+        rep.kv_pool_bytes = slots * longest * kv_tok if pool is not None else 0
         ctx = scan_offload(e.offload, plan.expert_slots) if e.offload is not None else nullcontext(None)
         try:
             with ctx as hooks:
@@ -124,7 +134,8 @@ class ThroughputRunner:
                         if reserved + need > plan.kv_budget:
                             break
                         s = waiting.popleft()
-                        s.kv = SeqKV(e.num_layers, self.reserve_tokens(s), e.device, e.dtype)
+                        s.kv = pool.take(e.num_layers) if pool is not None else \
+                            SeqKV(e.num_layers, self.reserve_tokens(s), e.device, e.dtype)
                         running.append(s)
                         reserved += need
                     rep.peak_seqs = max(rep.peak_seqs, len(running))
@@ -143,11 +154,13 @@ class ThroughputRunner:
                         running = [s for s in running if not s.finished]
                         for s in finished:
                             reserved -= self.reserve_tokens(s) * kv_tok
+                            s.kv.release()
                             s.kv = None  # free the cache now
                     rep.seconds = time.perf_counter() - t_start
                     yield finished
         finally:
             for s in running:
+                s.kv.release()
                 s.kv = None
             rep.seconds = time.perf_counter() - t_start
             if store is not None:
