@@ -9,7 +9,8 @@ on-demand GPU-cloud rates per GPU-hour (2025), not datasheet values: they move, 
 
 ``local`` is this machine, measured on the spot in the run's dtype: the bandwidth of a
 large memory copy (read + write) and the rate of a large matmul
-(:class:`~moetier.runtime.machine.MachineProfile`), the best of three tries each. Its
+(:class:`~moetier.runtime.machine.MachineProfile`; for bf16 on a CPU whose float32 path is
+faster for wide calls, that path's rate), the best of three tries each. Its
 price and power default to a cloud vCPU's share per thread on the CPU, and to the
 table's row on a GPU the table knows by name; otherwise give ``--price-per-hour`` and
 ``--watts``.
@@ -78,7 +79,8 @@ def _measure_local(dtype: torch.dtype, device: torch.device) -> Hardware:
     from ..runtime.machine import MachineProfile
 
     probes = [MachineProfile.measure(dtype, device) for _ in range(LOCAL_PROBES)]  # a peak: the best of a few
-    bandwidth, flops = max(p.copy_bps for p in probes), max(p.matmul_flops for p in probes)
+    # the best dense rate any path reaches: bf16 on CPUs without AMX multiplies wide calls in float32
+    bandwidth, flops = max(p.copy_bps for p in probes), max(max(p.matmul_flops, p.wide_flops) for p in probes)
     if device.type == "cpu":
         threads = torch.get_num_threads()
         name = f"local CPU ({threads} thread{'s' if threads > 1 else ''})"
