@@ -8,6 +8,8 @@ Prints one JSON object per result (``"what"`` says which), then a ``summary``:
   the planner's plan, its predicted tokens/s and the measured tokens/s;
 - ``transformers``: ``generate`` with static batches (left-padded to the batch's longest prompt),
   one timed batch per batch size, the best of them as the peer for (a);
+- ``--hf-float32``: transformers again in float32 at that batch size (informational: twice the
+  weight memory, the peer a user with the RAM could pick where float32 GEMMs beat bf16 ones);
 - ``accelerate``: transformers + accelerate, ``device_map="auto"``, ``max_memory={"cpu": half}``,
   ``offload_folder``, the best static batch size of (a): the peer for (b);
 - ``summary``: tokens/s, ratios, predicted vs measured, and whether the issue's targets are met.
@@ -161,7 +163,7 @@ def worker_hf(spec: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     what = "accelerate" if spec["budget"] else "transformers"
-    out = {"what": what, "transformers": transformers.__version__}
+    out = {"what": what, "transformers": transformers.__version__, "dtype": spec.get("dtype", "bfloat16")}
     kw = {}
     if spec["budget"]:
         import accelerate
@@ -171,7 +173,7 @@ def worker_hf(spec: dict) -> None:
         shutil.rmtree(off, ignore_errors=True)
         kw = dict(device_map="auto", max_memory={"cpu": spec["budget"]}, offload_folder=str(off))
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.bfloat16, **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=getattr(torch, out["dtype"]), **kw).eval()
     if not spec["budget"]:
         model.to(spec["device"])
     out["load_s"] = round(time.perf_counter() - t0, 2)
@@ -248,6 +250,9 @@ def main() -> None:
                          "thread mostly spin-waits, and the other core serves the expert loader threads)")
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="leave the page cache alone")
     ap.add_argument("--skip-accelerate", action="store_true")
+    ap.add_argument("--hf-float32", action="store_true",
+                    help="(a) also runs transformers in float32 (twice the weight memory) at its best batch size: "
+                         "the peer a user with the RAM could pick, where float32 GEMMs beat bf16 ones")
     ap.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b"],
                     help="(a) all in RAM, (b) the RAM budget; (b) alone uses the first --hf-batches size")
     ap.add_argument("--timeout", type=float, default=900)
@@ -298,6 +303,11 @@ def main() -> None:
         [emit(x) for x in r]
         hf = [x for x in r if "tok_s" in x]
         best_hf = max(hf, key=lambda x: x["tok_s"]) if hf else None
+        if a.hf_float32 and best_hf is not None:
+            r = spawn({**base, "kind": "hf", "budget": None, "batch_sizes": [best_hf["batch"]], "dtype": "float32"},
+                      a.timeout)
+            [emit(x) for x in r]
+            rows["transformers_fp32"] = next((x for x in r if "tok_s" in x), {})
     acc = None
     if "b" in a.parts:
         r = spawn({**base, "kind": "moetier", "budget": half, "budget_name": "half",
@@ -318,6 +328,10 @@ def main() -> None:
             s["a_all_in_ram"].update({"transformers_tok_s": best_hf["tok_s"], "transformers_batch": best_hf["batch"],
                                       "ratio": round(ram["tok_s"] / best_hf["tok_s"], 2),
                                       "same_first_tokens": ram["first_tokens"] == best_hf["first_tokens"]})
+        fp32 = rows.get("transformers_fp32", {})
+        if "tok_s" in fp32:
+            s["a_all_in_ram"].update({"transformers_float32_tok_s": fp32["tok_s"],
+                                      "ratio_vs_float32": round(ram["tok_s"] / fp32["tok_s"], 2)})
     if "tok_s" in off:
         s["b_half_budget"] = {"moetier_tok_s": off["tok_s"], "moetier_predicted_tok_s": off["predicted_tok_s"],
                               "moetier_peak_rss_gib": off["peak_rss_gib"]}
