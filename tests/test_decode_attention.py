@@ -19,11 +19,11 @@ def test_batched_equals_per_sequence(new, window, hq, hk, pooled):
     cached = [1, 6, 2, 9, 4][: len(new)]  # tokens each sequence already holds
     pool = KVPool(1, 12, 16, "cpu", torch.float32) if pooled else None
     if pooled:  # before the batch's rows: a sequence outside this step's batch, and a freed slot
-        pool.take(1).write(0, 0, torch.randn(hk, 3, d), torch.randn(hk, 3, d))
-        pool.take(1).release()
+        pool.take().write(0, 0, torch.randn(hk, 3, d), torch.randn(hk, 3, d))
+        pool.take().release()
     caches, history = [], []
     for n in cached:
-        c = pool.take(1) if pooled else SeqKV(1, 4, "cpu", torch.float32)
+        c = pool.take() if pooled else SeqKV(1, 4, "cpu", torch.float32)
         k, v = torch.randn(hk, n, d), torch.randn(hk, n, d)
         c.write(0, 0, k, v)
         c.length = n
@@ -58,13 +58,13 @@ def test_group_is_skipped_when_padding_would_dominate():
 
 def test_pool_slots_are_reused_lowest_first_and_a_row_can_be_outgrown():
     pool = KVPool(2, 3, 4, "cpu", torch.float32)
-    a, b, c = (pool.take(2) for _ in range(3))
+    a, b, c = (pool.take() for _ in range(3))
     assert [a.slot, b.slot, c.slot] == [0, 1, 2]
     with pytest.raises(RuntimeError, match="all 3 KV pool slots"):
-        pool.take(2)
+        pool.take()
     c.release()
     a.release()
-    assert pool.take(2).slot == 0
+    assert pool.take().slot == 0
     k = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3)
     b.write(0, 0, k[:, :4], k[:, :4])
     assert b.pooled(0) and torch.equal(pool.layers[0][0][1], k[:, :4])  # the row holds the values
@@ -79,7 +79,7 @@ def test_pool_call_covers_rows_of_other_sequences_in_between(window):
     torch.manual_seed(1)
     hq, hk, d, n = 4, 2, 8, 6
     pool = KVPool(1, 5, 16, "cpu", torch.float32)
-    caches = [pool.take(1) for _ in range(5)]
+    caches = [pool.take() for _ in range(5)]
     history = []
     for c in caches:
         k, v = torch.randn(hk, n, d), torch.randn(hk, n, d)

@@ -55,7 +55,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     """``F.linear(x, w, bias)`` for a plain or a packed weight, in float32 for wide bf16 inputs (see above)."""
     if x.dtype == torch.bfloat16 and x.is_cpu and x.dim() >= 2:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows > 1 and rows >= upcast_rows(torch.get_num_threads()):
+        if rows >= upcast_rows(torch.get_num_threads()):
             return upcast_linear(x, w, bias)
     return _packed_linear(x, w, bias) if w.layout == torch._mkldnn else F.linear(x, w, bias)
 

@@ -31,14 +31,15 @@ class KVPool:
         self.layers: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers
         self._free = list(range(self.slots - 1, -1, -1))  # pop() gives the lowest free slot
 
-    def take(self, num_layers: int) -> "SeqKV":
+    def take(self) -> "SeqKV":
         """A cache for one more sequence, in the lowest free slot."""
         if not self._free:
             raise RuntimeError(f"all {self.slots} KV pool slots are taken")
         slot = self._free.pop()
-        return SeqKV(num_layers, self.capacity, self.device, self.dtype, pool=self, slot=slot)
+        return SeqKV(len(self.layers), self.capacity, self.device, self.dtype, pool=self, slot=slot)
 
     def give_back(self, slot: int) -> None:
+        """Free ``slot`` (through :meth:`SeqKV.release`); its old contents stay until it is written over."""
         self._free.append(slot)
         self._free.sort(reverse=True)
 
@@ -50,9 +51,6 @@ class KVPool:
                                      device=self.device) for p in parts)
             self.layers[layer] = bufs
         return bufs
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for bufs in self.layers if bufs for b in bufs)
 
 
 class SeqKV:

@@ -134,7 +134,7 @@ class ThroughputRunner:
                         if reserved + need > plan.kv_budget:
                             break
                         s = waiting.popleft()
-                        s.kv = pool.take(e.num_layers) if pool is not None else \
+                        s.kv = pool.take() if pool is not None else \
                             SeqKV(e.num_layers, self.reserve_tokens(s), e.device, e.dtype)
                         running.append(s)
                         reserved += need
