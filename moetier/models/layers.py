@@ -186,7 +186,7 @@ def _attend_decode(
     else:
         qb, new = q[group.rows], [t[group.rows] for t in kv]
     if group.pool is not None and all(batch.caches[i].pooled(layer) for i in group.seqs):
-        return _attend_pool(batch, group, layer, qb, new, scale, window)
+        return _attend_pool(group, layer, qb, new, scale, window)
     views = [batch.caches[i].write(layer, batch.starts[i], *(t[j, :, None] for t in new))
              for j, i in enumerate(group.seqs)]  # per sequence: ([hk, L_i, d], [hk, L_i, dv])
     # pad_sequence pads the leading dim, so lay each cache out as [L_i, hk, d]
@@ -200,14 +200,12 @@ def _attend_decode(
 
 
 def _attend_pool(
-    batch: ForwardBatch, group: DecodeGroup, layer: int, qb: torch.Tensor, new: list[torch.Tensor],
-    scale: float, window: int | None,
+    group: DecodeGroup, layer: int, qb: torch.Tensor, new: list[torch.Tensor], scale: float, window: int | None,
 ) -> torch.Tensor:
     """:func:`_attend_decode` on a KV pool: one scatter writes the B new tokens into their rows and
     one call attends over the pool's rows from the group's first to its last as they lie (no
     per-sequence copies, no padding copy)."""
-    pool, slots = group.pool, group.slots
-    pos = torch.tensor([batch.starts[i] for i in group.seqs], device=slots.device)
+    pool, slots, pos = group.pool, group.slots, group.qpos[:, 0]  # a new token's position is its cache index
     bufs = pool.layer(layer, tuple(t[0, :, None] for t in new))  # each [slots, hk, cap, d]
     (lo, hi), L = group.pool_rows, group.length
     rows = [b[lo:hi] for b in bufs]
