@@ -53,6 +53,40 @@ def emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
 
+def spawn_worker(script: str, spec: dict, timeout: float, tags: tuple[str, ...] = (),
+                 echo_stderr: bool = False) -> list[dict]:
+    """Run ``script --worker SPEC_FILE`` in a fresh process (its peak RSS is its own): its JSON lines,
+    or one error object carrying ``spec``'s ``kind`` and ``tags``. ``echo_stderr``: pass the tail of
+    a successful worker's stderr on (a plan's explanation)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    error = {"what": spec["kind"], **{k: spec.get(k) for k in tags}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="spec-") as f:
+        json.dump(spec, f)  # a file: a spec with thousands of prompts is too long for a command line
+        f.flush()
+        try:
+            p = subprocess.run([sys.executable, script, "--worker", f.name], capture_output=True, text=True,
+                               timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return [{**error, "error": f"timed out after {timeout:.0f}s"}]
+    rows = []
+    for line in p.stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    if p.returncode != 0 or not rows:
+        rows.append({**error, "error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:]})
+    elif echo_stderr:
+        sys.stderr.write(p.stderr[-3000:])
+    return rows
+
+
 def drop_file_cache(files, sync: bool = True) -> None:
     """Drop these files' clean pages from the page cache (sync first so they are clean), so the
     next read really comes from the disk."""

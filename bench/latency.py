@@ -45,7 +45,6 @@ import random
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -55,14 +54,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-from common import drop_file_cache, mixtral_config, raw_read  # noqa: E402
+from common import drop_file_cache, emit, mixtral_config, raw_read, spawn_worker  # noqa: E402
 
 GB = 1e9
 GIB = 2**30
-
-
-def emit(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
 
 
 # -- small helpers ---------------------------------------------------------------------------------
@@ -387,25 +382,7 @@ WORKERS = {"moetier": worker_moetier, "accelerate": worker_accelerate, "demo": w
 
 
 def spawn(spec: dict, timeout: float) -> list[dict]:
-    """Run one worker in a fresh process; its JSON lines, or one error object."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    try:
-        p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                           timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return [{"what": spec["kind"], "error": f"timed out after {timeout:.0f}s",
-                 **{k: spec.get(k) for k in ("policy", "prefetch", "cold")}}]
-    rows = []
-    for line in p.stdout.splitlines():
-        if line.startswith("{"):
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass
-    if p.returncode != 0 or not rows:
-        rows.append({"what": spec["kind"], "error": f"exit {p.returncode}", "stderr_tail": p.stderr[-1500:],
-                     **{k: spec.get(k) for k in ("policy", "prefetch", "cold")}})
-    return rows
+    return spawn_worker(__file__, spec, timeout, tags=("policy", "prefetch", "cold"))
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -468,7 +445,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.worker:
-        spec = json.loads(args.worker)
+        spec = json.loads(Path(args.worker).read_text())
         WORKERS[spec["kind"]](spec)
         return
 

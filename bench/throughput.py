@@ -43,7 +43,6 @@ import os
 import random
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,14 +51,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-from common import drop_file_cache, mixtral_config  # noqa: E402
+from common import drop_file_cache, emit, mixtral_config, spawn_worker  # noqa: E402
 
 GIB = 2**30
 ISSUE = dict(hidden=1024, intermediate=3584, layers=16, prompts=512, min_prompt=32, max_prompt=512, new_tokens=256)
-
-
-def emit(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
 
 
 def peak_rss_gib() -> float:
@@ -208,21 +203,7 @@ WORKERS = {"moetier": worker_moetier, "hf": worker_hf}
 
 
 def spawn(spec: dict, timeout: float) -> list[dict]:
-    """Run one worker in a fresh process; its JSON lines, or one error object."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    path = Path(spec["dir"]) / f"spec-{os.getpid()}.json"
-    path.write_text(json.dumps(spec))
-    try:
-        p = subprocess.run([sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True,
-                           timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return [{"what": spec["kind"], "error": f"timed out after {timeout:.0f}s"}]
-    rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
-    if p.returncode != 0 or not rows:
-        rows.append({"what": spec["kind"], "error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:]})
-    elif spec["kind"] == "moetier":
-        sys.stderr.write(p.stderr[-3000:])
-    return rows
+    return spawn_worker(__file__, spec, timeout, echo_stderr=spec["kind"] == "moetier")
 
 
 def main() -> None:
