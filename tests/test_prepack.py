@@ -51,10 +51,11 @@ def test_upcast_linear_is_float32_math_on_the_bf16_values():
         got = pp.upcast_linear(x, weight, b)
         assert got.dtype == torch.bfloat16
         assert torch.equal(got, pp.upcast_linear(x, w, b))
-        # within one bf16 rounding of the exact result, and never further from it than the bf16 kernel
+        # within one bf16 rounding of the exact result, and no further from it than the bf16 kernel
+        # (which also rounds once on AMX cores: equal up to the float32 summation of the errors)
         err = (got.float() - want).abs()
         assert (err <= want.abs() * 2**-8 + 1e-6).all()
-        assert err.sum() <= (torch.nn.functional.linear(x, w, b).float() - want).abs().sum()
+        assert err.sum() <= (torch.nn.functional.linear(x, w, b).float() - want).abs().sum() * (1 + 1e-4)
 
 
 def test_linear_takes_the_float32_path_from_the_threshold_on(upcast_from):

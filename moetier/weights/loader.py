@@ -13,6 +13,7 @@ from ..models import Family, get_family
 from ..models.args import BaseModelArgs
 from ..models.decoder import CausalLM
 from ..models.weights_map import ExpertPiece, layer_index
+from .storage import weight_storage
 from .safetensors import SafetensorsReader
 from .packed import PackedCheckpoint, is_packed
 
@@ -141,7 +142,7 @@ def _collect(reader, family, args, expected, device, dtype) -> dict[str, torch.T
             continue
         _check_shape(reader, hf_name, reader.shape(hf_name), tuple(expected[name].shape))
         want = torch.float32 if family.weights.keeps_fp32(name) else dtype
-        state[name] = reader.get(hf_name).to(device=device, dtype=want)
+        state[name] = _own(reader.get(hf_name), device, want)
     for target, items in pieces.items():
         if target not in expected:
             log.debug("ignoring expert tensors for %s", target)
@@ -150,9 +151,14 @@ def _collect(reader, family, args, expected, device, dtype) -> dict[str, torch.T
     return state
 
 
+def _own(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` copied into :func:`weight_storage` (never a view of a checkpoint file's mapping)."""
+    return weight_storage(t.shape, device, dtype).copy_(t)
+
+
 def _stack_experts(reader, target, items, shape, device, dtype) -> torch.Tensor:
     """Fill ``[E, 2I, H]`` (gate rows then up rows) or ``[E, H, I]`` from per-expert 2D tensors."""
-    out = torch.empty(shape, device=device, dtype=dtype)
+    out = weight_storage(shape, device, dtype)
     n_exp = shape[0]
     fused = target.endswith("gate_up_proj")
     rows = shape[1] // 2 if fused else shape[1]

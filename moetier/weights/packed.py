@@ -50,7 +50,8 @@ from typing import Optional
 import torch
 
 from ..errors import CheckpointError
-from .direct_io import ALIGN, FileReader, aligned_buffer, empty_aligned, round_up
+from .direct_io import ALIGN, FileReader, aligned_buffer, round_up
+from .storage import weight_storage
 from .packed_load import DEFAULT_CHUNK, DEFAULT_THREADS, Job, Pipeline, Segment
 
 log = logging.getLogger(__name__)
@@ -368,8 +369,7 @@ class PackedCheckpoint:
             if name not in state:
                 want = torch.float32 if weights.keeps_fp32(name) else dtype
                 # on the CPU, page-aligned memory of its own: O_DIRECT reads straight into it
-                state[name] = empty_aligned(shape, want) if device.type == "cpu" else \
-                    torch.empty(shape, dtype=want, device=device)
+                state[name] = weight_storage(shape, device, want)
             return state[name]
 
         for r in self.tensors.values():
