@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.linear import quant_linear
+from ..kernels.quant import QuantWeight
+
 
 def _packed_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
@@ -52,7 +55,10 @@ PROBE_ROWS = (32, 64, 96, 128, 192, 256, 384, 512)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, bias)`` for a plain or a packed weight, in float32 for wide bf16 inputs (see above)."""
+    """``F.linear(x, w, bias)`` for a plain or a packed weight, in float32 for wide bf16 inputs (see above),
+    or for a quantized one (``kernels/linear.py``)."""
+    if type(w) is QuantWeight:
+        return quant_linear(x, w, bias)
     if x.dtype == torch.bfloat16 and x.is_cpu and x.dim() >= 2:
         rows = x.numel() // max(x.shape[-1], 1)
         if rows >= upcast_rows(torch.get_num_threads()):
