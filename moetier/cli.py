@@ -37,7 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser, many: bool = False, required: bo
     g = p.add_argument_group("memory (offloading)", "Give a budget to keep only the dense weights resident and "
                              "serve the routed experts from disk through a cache; output is unchanged.")
     g.add_argument("--device-memory", default=None, metavar="SIZE",
-                   help="all the engine may hold on --device: weights, KV and expert cache (e.g. 6GiB)")
+                   help="all the engine may hold on --device: weights, KV and expert cache (e.g. 6GiB; "
+                        "auto on the CPU: the memory cgroup's limit, else the available RAM, less a margin)")
     g.add_argument("--host-memory", default=None, metavar="SIZE",
                    help="host tier budget; on --device cpu the RAM budget when --device-memory is not given")
     g.add_argument("--offload-dir", default=None, metavar="DIR",
@@ -220,12 +221,12 @@ def _safe_name(name: str) -> str:
 
 
 def cmd_serve(args) -> int:
+    from .ram import resolve_budget
     from .serve import make_server, serve
-    from .units import parse_size
 
     models = serve_models(args.model)
     total = args.device_memory or (args.host_memory if args.device == "cpu" else None)
-    budget = parse_size(total) if total is not None else None
+    budget = resolve_budget(total, args.device)
 
     from .llm import resolve_model_path
     from .weights.loader import read_config

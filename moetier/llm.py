@@ -57,7 +57,9 @@ class LLM:
         Offloading (any of ``device_memory``, ``expert_slots``, or ``host_memory`` on the CPU):
         the dense weights stay on ``device`` and the routed experts are served from the packed
         checkpoint (an HF folder is converted on first use into ``offload_dir``) through an
-        expert cache that gets what ``device_memory`` leaves (e.g. ``"6GiB"``). On a GPU,
+        expert cache that gets what ``device_memory`` leaves (e.g. ``"6GiB"``; ``"auto"`` on the
+        CPU: the memory cgroup's limit, else the available RAM, less a margin for the process
+        itself, see :mod:`moetier.ram`). On a GPU,
         ``host_memory`` (e.g. ``"32GiB"``) adds a pinned host tier between disk and device.
         ``cache_policy``: ``lru``, ``lfu`` or ``activation``; ``prefetch``: ``lookahead`` (next
         layer's router; the default, best in ``bench/latency.py``), ``trace`` (match the trace
@@ -70,6 +72,9 @@ class LLM:
         self.path = resolve_model_path(model)
         if device == "cpu" and device_memory is None:
             device_memory = host_memory  # on the CPU the host is the device: one RAM budget
+        from .ram import resolve_budget
+
+        device_memory = resolve_budget(device_memory, device)  # bytes; "auto" read from the cgroup / RAM
         offload = None
         self.memory: dict = {}
         # the RAM (CPU) / device budget the throughput planner splits between expert slots and KV

@@ -34,6 +34,7 @@ from .safetensors import SafetensorsReader
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FILE_SIZE = 2 << 30
+DROP_EVERY = 64 << 20  # written bytes synced and dropped from the page cache at a time (see _Writer)
 # files that hold weights in some format; everything else at the top of the folder is copied
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
 
@@ -118,6 +119,7 @@ class _Writer:
         self.files: list[dict] = []
         self._fh = None
         self._pos = 0
+        self._clean = 0  # bytes of the current file already synced and dropped from the page cache
 
     def write(self, groups: list[list[torch.Tensor]]) -> tuple[dict, list[int]]:
         """Write one region: each group of tensors back to back, each group starting ALIGN-aligned.
@@ -143,6 +145,8 @@ class _Writer:
         self._fh.write(bytes(round_up(nbytes) - nbytes))  # pad to the next aligned offset
         self._pos += round_up(nbytes)
         self.files[-1]["nbytes"] = self._pos
+        if self._pos - self._clean >= DROP_EVERY:
+            self._drop_written()
         if self.bar is not None:
             self.bar.update(sum(sizes))
         return {"file": self.files[-1]["name"], "offset": offset, "nbytes": nbytes, "checksum": crc}, starts
@@ -151,19 +155,30 @@ class _Writer:
         self.close()
         name = f"weights-{len(self.files) + 1:05d}.bin"
         self._fh = open(self.folder / name, "wb")
-        self._pos = 0
+        self._pos = self._clean = 0
         self.files.append({"name": name, "nbytes": 0})
+
+    def _drop_written(self) -> None:
+        """Sync what was written since the last call and drop it from the page cache: written
+        pages stay cached (and, in a memory cgroup, charged to this process) until dropped."""
+        self._fh.flush()
+        os.fdatasync(self._fh.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fh.fileno(), self._clean, self._pos - self._clean, os.POSIX_FADV_DONTNEED)
+        self._clean = self._pos
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.flush()
             os.fsync(self._fh.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             self._fh.close()
             self._fh = None
 
 
 def _write_dense(w: _Writer, reader: SafetensorsReader, name: str, hf_name: str, dtype: torch.dtype) -> dict:
-    t = reader.get(hf_name).to(dtype)
+    t = reader.read(hf_name).to(dtype)
     region, _ = w.write([[t]])
     return {"name": name, **region, "dtype": dtype_name(dtype), "shape": list(t.shape)}
 
@@ -175,9 +190,9 @@ def _write_expert(w: _Writer, reader: SafetensorsReader, lay: _ExpertLayer, e: i
     for kind in ("gate_up_proj", "down_proj"):
         names = lay.source(e, kind)
         if kind in lay.fused:
-            groups.append([reader.get_slice(names[0], e).to(dtype)])
+            groups.append([reader.read(names[0], e).to(dtype)])
         else:
-            groups.append([reader.get(n).to(dtype) for n in names])
+            groups.append([reader.read(n).to(dtype) for n in names])
     region, (gu_offset, down_offset) = w.write(groups)
     return {
         "name": f"{lay.prefix}[{e}]", "layer": lay.layer, "expert": e, **region, "dtype": dtype_name(dtype),
