@@ -23,3 +23,7 @@ class TaskError(MoetierError, ValueError):
 
 class BenchError(MoetierError, ValueError):
     """A benchmark cannot run as asked: a bad workload file, an unknown hardware name, a bad option."""
+
+
+class DiskFullError(MoetierError, OSError):
+    """A write ran out of disk space; the message says how much was needed and how much is free."""

@@ -40,15 +40,15 @@ def dense_bytes(model) -> int:
 def attach_offload(model, packed, device: torch.device, device_memory: Optional[int], kv_reserve: int,
                    policy: str = "activation", prefetch: str = "lookahead", library_path: Optional[Path] = None,
                    expert_slots: Optional[int] = None, threads: int = 4,
-                   host_memory: Optional[int] = None) -> tuple[OffloadRuntime, dict]:
+                   host_memory: Optional[int] = None, verify: str = "first-read") -> tuple[OffloadRuntime, dict]:
     """Replace each MoE block's experts by ones served from ``packed`` through a slot pool.
 
     The pool gets what ``device_memory`` leaves after the dense weights and
     ``kv_reserve`` (or exactly ``expert_slots`` slots); fewer slots than one
     layer's experts is an error that says the smallest budget that works.
     ``host_memory`` (a GPU ``device``): a host tier of that many bytes of pinned
-    expert slots between the disk and the device. Returns the runtime and the
-    memory accounting.
+    expert slots between the disk and the device. ``verify``: when expert reads check their
+    checksums (:mod:`moetier.weights.checksum`). Returns the runtime and the memory accounting.
     """
     from .sources import PackedSource
 
@@ -56,7 +56,7 @@ def attach_offload(model, packed, device: torch.device, device_memory: Optional[
     if not blocks:
         raise MoetierError("this model has no MoE layers to offload")
     num_experts = blocks[0].experts.num_experts
-    source = PackedSource(packed, [_decoder_layer(model, b) for b in blocks])
+    source = PackedSource(packed, [_decoder_layer(model, b) for b in blocks], verify=verify)
     slot = source.layout.slot_bytes
     dense = dense_bytes(model)
     if expert_slots is None:
@@ -109,7 +109,11 @@ def kv_bytes_per_token(args, dtype: torch.dtype) -> int:
 
 def ensure_packed(path: Path, dtype, offload_dir: Optional[Path]) -> Path:
     """A packed checkpoint of ``path`` whose stored dtype is ``dtype`` (None: the checkpoint's),
-    converting an HF folder on first use (with a progress bar) into ``offload_dir`` or a user cache."""
+    converting an HF folder on first use (with a progress bar) into ``offload_dir`` or a user cache.
+
+    The conversion is atomic (a kill leaves no folder that loads, and the next one cleans up)
+    and locked, so processes starting at once on the same ``offload_dir`` convert it once."""
+    from ..weights.atomic import FileLock
     from ..weights.packed import PackedCheckpoint, is_packed
     from ..weights.packed_write import convert
 
@@ -129,8 +133,11 @@ def ensure_packed(path: Path, dtype, offload_dir: Optional[Path]) -> Path:
             dtype = checkpoint_dtype(read_config(path), reader)
     out = packed_cache_dir(path, dtype, offload_dir)
     if not is_packed(out):
-        log.warning("converting %s to the packed format in %s (once)", path, out)
-        convert(path, out, dtype=dtype, force=True)
+        # processes sharing offload_dir take turns; whoever comes second finds the folder done
+        with FileLock(out.parent / f".{out.name}.lock"):
+            if not is_packed(out):
+                log.warning("converting %s to the packed format in %s (once)", path, out)
+                convert(path, out, dtype=dtype, force=True)
     return out
 
 

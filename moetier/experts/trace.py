@@ -8,11 +8,13 @@ of the layers still to come.
 
 from __future__ import annotations
 
-import os
+import logging
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def normalize(counts: np.ndarray) -> np.ndarray:
@@ -99,24 +101,26 @@ class TraceLibrary:
         return np.tensordot(w / w.sum(), self.traces[idx], axes=1)
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (temp file + rename) so a crash never leaves half a library."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, traces=self.traces, weights=self.weights)
-        os.replace(tmp, path)
+        """Write atomically (temp file, fsync, rename) so a kill never leaves half a library."""
+        from ..weights.atomic import write_file
+
+        write_file(path, lambda fh: np.savez(fh, traces=self.traces, weights=self.weights))
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int, num_experts: int, **kw) -> "TraceLibrary":
-        """Load a saved library; a missing, unreadable or mismatched file gives an empty one."""
+        """Load a saved library; a missing or mismatched file gives an empty one, and so does an
+        unreadable or corrupt one (with a warning): the library only guides prefetching."""
         lib = cls(num_layers, num_experts, **kw)
         try:
             with np.load(path) as data:
                 traces, weights = data["traces"], data["weights"]
-        except (OSError, KeyError, ValueError):
+        except FileNotFoundError:
             return lib
-        if traces.shape[1:] == lib.shape and len(traces) == len(weights):
+        except Exception as e:  # a damaged zip raises BadZipFile, EOFError, zlib.error, ValueError, ...
+            log.warning("ignoring the trace library %s: unreadable (%s: %s); starting an empty one",
+                        path, type(e).__name__, e)
+            return lib
+        if traces.ndim == 3 and weights.ndim == 1 and traces.shape[1:] == lib.shape and len(traces) == len(weights):
             lib.traces = traces.astype(np.float32)[-lib.capacity :]
             lib.weights = weights.astype(np.float32)[-lib.capacity :]
         return lib

@@ -5,15 +5,17 @@ so a folder converts only if it would load, and the packed folder holds exactly 
 model takes, under its own names. Tensors stream through one at a time (an expert at a time), so
 memory stays small whatever the model's size. Everything is written into a hidden temporary
 sibling of the output folder, which is renamed into place only once the index is written and
-every file synced: an interrupted convert leaves no folder that looks complete.
+every file synced: an interrupted convert leaves no folder that looks complete, and the next
+convert into the same place removes what it left (atomic.py). The free space is checked
+before writing; running out midway is a DiskFullError too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import secrets
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from ..errors import CheckpointError, MoetierError
 from ..models.weights_map import ExpertPiece, layer_index
 from ..units import parse_size
 from .loader import _check_shape, checkpoint_dtype, is_expert_param, load_args, mapped_names, parse_dtype
+from .atomic import new_folder
 from .packed import ALIGN, FORMAT, INDEX_NAME, VERSION, _bar, dtype_name, is_packed
 from .direct_io import round_up
 from .safetensors import SafetensorsReader
@@ -233,32 +236,40 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
         total = sum(expected[n].numel() * dense_dtype[n].itemsize for n in dense)
         total += sum(expected[f"{lay.prefix}.{k}"].numel() * target.itemsize
                      for lay in layers for k in ("gate_up_proj", "down_proj"))
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.moetier-tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
+        need = _needed_bytes(src, expected, dense_dtype, layers, target)
         bar = _bar(total, "Converting", progress)
         try:
-            writer = _Writer(tmp, max_file_size, bar)
-            try:
-                tensors = [_write_dense(writer, reader, n, h, dense_dtype[n]) for n, h in dense.items()]
-                experts = [_write_expert(writer, reader, lay, e, target)
-                           for lay in layers for e in range(lay.num_experts)]
-            finally:
-                writer.close()
-            _copy_aside(src, tmp, raw, target, source_dtype)
-            index = {"format": FORMAT, "version": VERSION, "alignment": ALIGN, "checksum": "crc32",
-                     "dtype": dtype_name(target), "model_type": raw.get("model_type"),
-                     "created_by": f"moetier {__version__}", "files": writer.files,
-                     "tensors": tensors, "experts": experts}
-            _write_synced(tmp / INDEX_NAME, json.dumps(index, indent=1))
-            _install(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            # a hidden sibling, renamed into place once the index is written (last) and all synced
+            with new_folder(dst, need) as tmp:
+                writer = _Writer(tmp, max_file_size, bar)
+                try:
+                    tensors = [_write_dense(writer, reader, n, h, dense_dtype[n]) for n, h in dense.items()]
+                    experts = [_write_expert(writer, reader, lay, e, target)
+                               for lay in layers for e in range(lay.num_experts)]
+                finally:
+                    writer.close()
+                _copy_aside(src, tmp, raw, target, source_dtype)
+                index = {"format": FORMAT, "version": VERSION, "alignment": ALIGN, "checksum": "crc32",
+                         "dtype": dtype_name(target), "model_type": raw.get("model_type"),
+                         "created_by": f"moetier {__version__}", "files": writer.files,
+                         "tensors": tensors, "experts": experts}
+                _write_synced(tmp / INDEX_NAME, json.dumps(index, indent=1))
         finally:
             if bar is not None:
                 bar.close()
     return dst
+
+
+def _needed_bytes(src: Path, expected: dict, dense_dtype: dict, layers: list[_ExpertLayer],
+                  target: torch.dtype) -> int:
+    """Bytes the packed folder will take: every region padded to ALIGN, the copied files, the index."""
+    need = sum(round_up(expected[n].numel() * dt.itemsize) for n, dt in dense_dtype.items())
+    for lay in layers:
+        gu, dn = (math.prod(s) * target.itemsize for s in (lay.gate_up, lay.down))
+        need += lay.num_experts * round_up(round_up(gu) + dn)
+    need += sum(f.stat().st_size for f in src.iterdir()
+                if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES))
+    return need + 512 * (len(dense_dtype) + sum(lay.num_experts for lay in layers)) + ALIGN  # ~ the index
 
 
 def _copy_aside(src: Path, dst: Path, raw: dict, target: torch.dtype, source_dtype: torch.dtype) -> None:
@@ -280,17 +291,3 @@ def _write_synced(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _install(tmp: Path, dst: Path) -> None:
-    """Move the finished folder into place; a replaced folder is removed only after the rename."""
-    old = None
-    if dst.exists():
-        if any(dst.iterdir()):
-            old = dst.parent / f".{dst.name}.moetier-old-{secrets.token_hex(4)}"
-            dst.rename(old)
-        else:
-            dst.rmdir()
-    tmp.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
