@@ -130,6 +130,9 @@ def cmd_eval(args) -> int:
 
     from .evaluate import evaluate, load_task
 
+    if args.kl_base is not None or args.text is not None:
+        return _eval_text(args)
+
     if args.task is None:
         from .demo import task_path
 
@@ -146,6 +149,64 @@ def cmd_eval(args) -> int:
     print(json.dumps(report, indent=None if args.quiet else 2))
     _print_stats(llm, args)
     llm.close()
+    return 0
+
+
+def _eval_text(args) -> int:
+    """``moetier eval --kl-base BASE [--text FILE]``: KL divergence and top-1 agreement against BASE,
+    perplexity of both (of the model alone without --kl-base). Inputs are checked before loading."""
+    import json
+
+    from .errors import TaskError
+    from .llm import resolve_model_path
+    from .text_eval import DEFAULT_CTX, default_text, make_windows, read_text, text_eval
+    from .tokenizer import load_tokenizer
+    from .weights.loader import load_args
+
+    given = [f for f, v in (("--task", args.task), ("--routing", args.routing), ("--max-tokens", args.max_tokens),
+                            ("--show", args.show)) if v]
+    if given:
+        raise TaskError(f"{', '.join(given)}: options of the task evaluation; --kl-base and --text score a text")
+    text_path = args.text or str(default_text())
+    text = read_text(text_path)
+    paths = {"--model": resolve_model_path(args.model)}
+    if args.kl_base is not None:
+        paths["--kl-base"] = resolve_model_path(args.kl_base)
+    model_args = {flag: load_args(p)[1] for flag, p in paths.items()}
+    vocabs = {flag: a.vocab_size for flag, a in model_args.items()}
+    if len(set(vocabs.values())) > 1:
+        raise TaskError(f"the models' vocabularies differ ({', '.join(f'{k} {v}' for k, v in vocabs.items())} "
+                        f"tokens): KL divergence compares distributions over the same tokens")
+    tokenizers = {flag: load_tokenizer(p) for flag, p in paths.items()}
+    tok = tokenizers["--model"]
+    if tok is None:
+        raise TaskError(f"{paths['--model']}: scoring a text needs a tokenizer, and this model folder has none")
+    base_tok = tokenizers.get("--kl-base")
+    if base_tok is not None and base_tok.get_vocab() != tok.get_vocab():
+        raise TaskError(f"{paths['--kl-base']} and {paths['--model']} have different tokenizers: "
+                        f"KL divergence compares distributions over the same tokens")
+    limit = min(args.max_model_len or a.max_position_embeddings for a in model_args.values()) - 1
+    ctx = min(DEFAULT_CTX, limit) if args.ctx is None else args.ctx
+    if ctx > limit:
+        raise TaskError(f"--ctx {ctx} does not fit the context: a window must be shorter than the models' "
+                        f"{limit + 1} tokens (max_model_len); give --ctx {limit} or less")
+    windows = make_windows(tok, text, ctx, args.limit, source=text_path)
+    llm = _llm(args)
+    base = None
+    try:
+        if args.kl_base is not None:
+            base = _llm(args, model=args.kl_base, device_memory=args.kl_base_memory, host_memory=None,
+                        offload_dir=None)
+        t0 = time.perf_counter()
+        result = text_eval(llm, windows, base, use_tqdm=not args.quiet)
+        report = {"model": args.model, "kl_base": args.kl_base, "text": text_path, **result,
+                  "seconds": round(time.perf_counter() - t0, 2)}
+        print(json.dumps(report, indent=None if args.quiet else 2))
+        _print_stats(llm, args)
+    finally:
+        llm.close()
+        if base is not None:
+            base.close()
     return 0
 
 
@@ -382,6 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "25%% of experts (uniform routing gives about 25%%)")
     p.add_argument("--show", action="store_true", help="print every completion to stderr")
     p.add_argument("--quiet", action="store_true", help="no progress bar; one-line JSON")
+    g = p.add_argument_group(
+        "text and reference model", "Instead of a task, score a text: the model's perplexity and, with --kl-base, "
+        "the mean KL divergence KL(base || model) of its next-token distributions from the reference's, their "
+        "top-1 agreement, the base's perplexity and the mean |delta log p| of the actual next token, over windows "
+        "of --ctx tokens (the second half of each scored), as llama.cpp's perplexity --kl-divergence.")
+    g.add_argument("--kl-base", default=None, metavar="FOLDER",
+                   help="the reference model (e.g. the bf16 checkpoint a quantized --model came from), loaded "
+                        "with the same --device and --dtype; --model --kl-base demo on itself gives KL 0")
+    g.add_argument("--kl-base-memory", default=None, metavar="SIZE",
+                   help="offload the reference's experts within this budget (default: load it whole)")
+    g.add_argument("--text", default=None, metavar="FILE",
+                   help="UTF-8 text to score (default: the packaged moetier/tasks/eval_text.txt)")
+    g.add_argument("--ctx", type=int, default=None, metavar="N",
+                   help="window length in tokens, BOS included (default: 512, or less to fit the context); "
+                        "--limit N scores only the first N windows")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

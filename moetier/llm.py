@@ -241,11 +241,33 @@ class LLM:
         finally:
             self.engine.abort(rid)
 
+    def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """The model's next-token log-softmax after each prefix of ``token_ids``.
+
+        Row ``i`` of the ``[len(token_ids) - 1, vocab]`` float32 result is
+        ``log p(. | token_ids[:i + 1])``: the full distributions behind
+        ``SamplingParams(prompt_logprobs=k)``, computed by the same step (``moetier eval --kl-base``
+        compares them between two models).
+        """
+        from .runtime.prompt_logprobs import FullDistributions
+
+        ids = [int(t) for t in token_ids]
+        self.engine.check_prompt(ids)
+        rid = f"logprobs-{uuid.uuid4().hex}"
+        seq = self.engine.add_request(rid, ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
+        seq.prompt_sink = sink = FullDistributions(len(ids), self.args.vocab_size)
+        try:
+            while not seq.finished:
+                self.engine.step()
+        finally:
+            self.engine.abort(rid)
+        return sink.rows
+
     def _run(self, encoded, params_list, use_tqdm: bool) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         for i, ((text, ids), params) in enumerate(zip(encoded, params_list)):
             seqs = self.engine.add_request(str(i), ids, params)
-            outputs.append(RequestOutput(str(i), text, ids, [s.out for s in seqs]))
+            outputs.append(RequestOutput(str(i), text, ids, [s.out for s in seqs], _prompt_logprobs(seqs)))
         bar = _progress(len(outputs), use_tqdm)
         done_tokens = 0
         try:
@@ -272,7 +294,7 @@ class LLM:
         outputs, seqs = [], []
         for i, ((text, ids), params) in enumerate(zip(encoded, params_list)):
             ss = make_sequences(str(i), ids, params, self.tokenizer, self.engine.max_model_len)
-            outputs.append(RequestOutput(str(i), text, ids, [s.out for s in ss]))
+            outputs.append(RequestOutput(str(i), text, ids, [s.out for s in ss], _prompt_logprobs(ss)))
             seqs.extend(ss)
         return outputs, seqs
 
@@ -356,6 +378,12 @@ class LLM:
                 "max_seqs", "prefill_tokens", "kv_budget", "expert_slots", "predicted_tok_s", "predicted_s",
                 "passes", "memory", "moved_bytes_per_pass")}, **runner.report.as_dict()}
             log.info("throughput run: %s", runner.report.summary())
+
+
+def _prompt_logprobs(seqs) -> Optional[list]:
+    """The request's prompt_logprobs list (filled in place as its prompt runs), or None if not asked."""
+    sink = seqs[0].prompt_sink
+    return sink.entries if sink is not None else None
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:

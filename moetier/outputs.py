@@ -7,6 +7,19 @@ from typing import Optional
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability at a position, as vLLM's ``Logprob``.
+
+    ``rank`` is 1 for the most likely token (ties share the better rank); ``decoded_token``
+    is the token's text (None when the model has no tokenizer).
+    """
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+@dataclass
 class CompletionOutput:
     """One completion of a prompt.
 
@@ -32,6 +45,9 @@ class RequestOutput:
     prompt: Optional[str]
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    # with SamplingParams(prompt_logprobs=k): per prompt position, None for the first token, then
+    # {token_id: Logprob} holding the actual prompt token and the k most likely ones (vLLM's shape)
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
 
     @property
     def finished(self) -> bool:

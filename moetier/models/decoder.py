@@ -58,13 +58,20 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, batch: ForwardBatch, logits_rows: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """input_ids ``[T]`` -> logits ``[rows, vocab]`` in float32."""
+        self, input_ids: torch.Tensor, batch: ForwardBatch, logits_rows: torch.Tensor | None = None,
+        hidden_rows: torch.Tensor | None = None,
+    ):
+        """input_ids ``[T]`` -> logits ``[rows, vocab]`` in float32.
+
+        With ``hidden_rows`` ``[R]``, returns ``(logits, hidden)``, ``hidden`` ``[R, H]`` being those
+        rows after the final norm: the caller runs the LM head on them in chunks (prompt logprobs).
+        """
         x = self.model.embed_tokens(input_ids)  # [T, H]
         for layer in self.model.layers:
             x = layer(x, batch)
         if logits_rows is None:
             logits_rows = batch.last_token_indices()
-        x = self.model.norm(x[logits_rows.to(x.device)])
-        return self.lm_head(x).float()
+        logits = self.lm_head(self.model.norm(x[logits_rows.to(x.device)])).float()
+        if hidden_rows is None:
+            return logits
+        return logits, self.model.norm(x[hidden_rows.to(x.device)])

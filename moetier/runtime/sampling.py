@@ -26,6 +26,8 @@ class SamplingParams:
         include_stop_str_in_output: keep the matched stop string in the text.
         skip_special_tokens: drop special tokens from the decoded text.
         logprobs: also return the log-probability of each chosen token and this many top alternatives.
+        prompt_logprobs: also return, for each prompt token after the first, its log-probability,
+            its rank and this many most likely tokens at that position (``RequestOutput.prompt_logprobs``).
     """
 
     n: int = 1
@@ -41,6 +43,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -61,6 +64,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:

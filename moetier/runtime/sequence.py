@@ -14,6 +14,7 @@ from typing import Optional
 from ..outputs import CompletionOutput
 from ..tokenizer import Detokenizer
 from .kv_cache import SeqKV
+from .prompt_logprobs import PromptLogprobs
 from .sampling import SamplingParams, TokenChoice, make_generator
 
 
@@ -38,6 +39,9 @@ class Sequence:
         self.detok = Detokenizer(tokenizer, params.skip_special_tokens)
         seed = None if params.seed is None else params.seed + index
         self.generator = None if params.greedy else make_generator(seed)
+        # filled with the prompt's logprobs while the prompt is fed; the request's first completion only
+        self.prompt_sink = PromptLogprobs(params.prompt_logprobs, tokenizer) \
+            if params.prompt_logprobs is not None and index == 0 else None
         self._sent = 0  # characters of out.text already reported
         self._hold = max((len(s) for s in params.stop), default=1) - 1  # could be a stop string's start
 

@@ -13,6 +13,7 @@ from typing import Optional, Protocol
 import torch
 
 from .batch import ForwardBatch
+from .prompt_logprobs import feed_prompt_rows, prompt_work
 from .sampling import TokenChoice, sample
 from .sequence import Sequence, StepEvent
 
@@ -38,13 +39,19 @@ def forward_step(model, seqs: list[Sequence], lengths: list[int], eos: set[int],
     batch = ForwardBatch.build([s.kv for s in seqs], lengths, device)
     done = [i for i, (s, n) in enumerate(zip(seqs, lengths)) if n == len(s.pending)]
     rows = None if len(done) == len(seqs) else batch.last_token_indices()[done]  # None: every sequence's last
+    work, hidden_rows = prompt_work(seqs, lengths, batch)  # prompt_logprobs asked: rows it needs
     if hooks is not None:
         hooks.begin_step(seqs, lengths)
     try:
-        logits = model(ids, batch, rows)  # [len(done), vocab] float32
+        if hidden_rows is None:
+            logits = model(ids, batch, rows)  # [len(done), vocab] float32
+        else:
+            logits, hidden = model(ids, batch, rows, hidden_rows=hidden_rows)  # hidden [R, H]
     finally:
         if hooks is not None:
             hooks.end_step()
+    if hidden_rows is not None:
+        feed_prompt_rows(model, hidden, work)
     batch.commit()
     for s, n in zip(seqs, lengths):
         del s.pending[:n]
