@@ -12,6 +12,12 @@ url, bad body, a prompt too long for the model).
 Each result is appended and flushed as soon as its request finishes. Running again with
 the same output skips every ``custom_id`` already there, so an interrupted job resumes
 and loses nothing; a partly written last line (a crash mid-write) is cut off first.
+
+A damaged checkpoint (a checksum mismatch or a short read while the run reads an expert: a
+CheckpointError naming the file, layer and expert) fails every request not yet answered with a
+``checkpoint_error`` line: a throughput pass reads every expert of each layer for all of its
+sequences, so each of them needed the bad bytes. Those lines are not final: a later run with the
+same output (once the checkpoint is repaired) removes them and runs their requests again.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
-from .errors import MoetierError, RequestError
+from .errors import CheckpointError, MoetierError, RequestError
 from .runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+RETRIED = ("checkpoint_error",)  # error codes of lines that a later run removes and runs again
 _UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty")
 
 
@@ -164,6 +171,8 @@ def completed(output: Path) -> tuple[set[str], set[int]]:
 
     A last line cut short by a crash is removed from the file first, so appending goes on
     from a clean line end; any other unreadable line is skipped (its request runs again).
+    Lines whose error code is in ``RETRIED`` are removed too (the file is replaced whole, so a
+    crash leaves either version): their requests run again.
     """
     ids: set[str] = set()
     lines: set[int] = set()
@@ -177,18 +186,32 @@ def completed(output: Path) -> tuple[set[str], set[int]]:
                         output, len(data) - cut)
             f.truncate(cut)
             data = data[:cut]
-    for raw in data.splitlines():
+    kept: list[bytes] = []
+    for raw in data.splitlines(keepends=True):
         try:
             obj = json.loads(raw)
         except ValueError:
             log.warning("%s: skipping an unreadable line", output)
+            kept.append(raw)
             continue
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict) and obj["error"].get("code") in RETRIED:
+            continue
+        kept.append(raw)
         if not isinstance(obj, dict):
             continue
         if isinstance(obj.get("custom_id"), str):
             ids.add(obj["custom_id"])
         elif isinstance(obj.get("line"), int):
             lines.add(obj["line"])
+    if len(kept) < len(data.splitlines()):
+        log.warning("%s: running the %d request(s) that failed on a damaged checkpoint again", output,
+                    len(data.splitlines()) - len(kept))
+        tmp = output.with_name(f".{output.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
     return ids, lines
 
 
@@ -376,8 +399,20 @@ def run_batch(llm, input_path: Union[str, Path], output_path: Union[str, Path], 
         for e in errors:
             writer.write(e)
         if todo:
-            for i, out in llm.iter_generate(prompts, [r.params for r in todo], mode="throughput", use_tqdm=use_tqdm):
-                writer.write(result_entry(todo[i], out, model, llm.tokenizer))
+            answered: set[int] = set()
+            try:
+                for i, out in llm.iter_generate(prompts, [r.params for r in todo], mode="throughput",
+                                                use_tqdm=use_tqdm):
+                    writer.write(result_entry(todo[i], out, model, llm.tokenizer))
+                    answered.add(i)
+            except CheckpointError as e:  # every request left needed the bad bytes (see the module doc)
+                log.error("the run stopped: %s", e)
+                failed = [r for i, r in enumerate(todo) if i not in answered]
+                for r in failed:
+                    writer.write(error_entry("checkpoint_error", f"line {r.line}: generation failed: the model's "
+                                             f"checkpoint is damaged: {e}", r.custom_id))
+                summary["errors"] += len(failed)
+                summary["checkpoint_error"] = str(e)
         for e in duplicates:
             writer.write(e)
     finally:

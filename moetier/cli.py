@@ -34,6 +34,10 @@ def _add_model_args(p: argparse.ArgumentParser, many: bool = False, required: bo
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model's math (default: torch's choice; for serve on the CPU, "
                         "all cores but one, which the HTTP side needs)")
+    g.add_argument("--verify", default="first-read", choices=["off", "first-read", "full"],
+                   help="packed folders: check each region's CRC-32 the first time it is read from disk "
+                        "(first-read, the default), also every region before the model is ready and every "
+                        "later expert read (full), or not at all (off)")
     g = p.add_argument_group("memory (offloading)", "Give a budget to keep only the dense weights resident and "
                              "serve the routed experts from disk through a cache; output is unchanged.")
     g.add_argument("--device-memory", default=None, metavar="SIZE",
@@ -85,7 +89,7 @@ def _llm(args, **override):
     _set_threads(args)
     kw = dict(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
               device_memory=args.device_memory, host_memory=args.host_memory, offload_dir=args.offload_dir,
-              cache_policy=args.cache_policy, prefetch=args.prefetch)
+              cache_policy=args.cache_policy, prefetch=args.prefetch, verify=args.verify)
     return LLM(**{**kw, **override})
 
 
@@ -233,6 +237,10 @@ def cmd_batch(args) -> int:
               f"{r['measured_tok_s']:.1f} tok/s measured, {r['predicted_tok_s']:.1f} predicted", file=sys.stderr)
     print(json.dumps(summary if not args.quiet else {k: v for k, v in summary.items() if k != "run"}))
     _print_stats(llm, args)
+    if "checkpoint_error" in summary:  # its requests have error lines; a rerun once repaired runs them
+        print(f"moetier: error: the run stopped on a damaged checkpoint: {summary['checkpoint_error']}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -342,6 +350,8 @@ def cmd_bench(args) -> int:
         memory.update(cache_policy=args.cache_policy, prefetch=args.prefetch)
     if args.max_model_len is not None:
         memory["max_model_len"] = args.max_model_len
+    if args.verify != "first-read":
+        memory["verify"] = args.verify
     cfg = BenchConfig(
         model=args.model, out=Path(args.out or f"bench-results/{args.system}-{Path(args.model).name}"),
         system=args.system, workload=args.workload, input_len=args.input_len, output_len=args.output_len,

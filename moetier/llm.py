@@ -46,13 +46,18 @@ class LLM:
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: Optional[str] = None,
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64, max_batch_tokens: int = 8192,
-                 seed: Optional[int] = None, *, verify: bool = False,
+                 seed: Optional[int] = None, *, verify: bool | str | None = "first-read",
                  device_memory: Optional[str | int] = None, host_memory: Optional[str | int] = None,
                  offload_dir: Optional[str | Path] = None, cache_policy: str = "activation",
                  prefetch: str = "lookahead", expert_slots: Optional[int] = None):
         """Load ``model`` (a checkpoint folder, a packed folder, or ``"demo"``).
 
-        ``verify``: check the checksum of every weight region while loading a packed folder.
+        ``verify`` (packed folders; see :mod:`moetier.weights.checksum`): ``"first-read"`` (the
+        default) checks each region's CRC-32 the first time it is read from disk (dense weights
+        while loading, an offloaded expert on its first read into a slot); ``"full"`` (``True``)
+        reads and checks every region, offloaded experts included, before the model is ready and
+        every expert read after that; ``"off"`` (``False``) checks sizes only. A mismatch is a
+        CheckpointError naming the file and the tensor (for an expert, its layer and number).
 
         Offloading (any of ``device_memory``, ``expert_slots``, or ``host_memory`` on the CPU):
         the dense weights stay on ``device`` and the routed experts are served from the packed
@@ -66,6 +71,9 @@ class LLM:
         library) or ``none``. Outputs are
         bit-identical to the all-resident run whatever the budget and policy.
         """
+        from .weights.checksum import parse_verify
+
+        verify = parse_verify(verify)
         self.config = EngineConfig(str(model), device, dtype, max_model_len, max_num_seqs, max_batch_tokens, seed)
         if seed is not None:
             torch.manual_seed(seed)
@@ -91,12 +99,19 @@ class LLM:
             packed_path = ensure_packed(self.path, want, Path(offload_dir) if offload_dir else None)
             self.model, self.args, raw_config = load_model(packed_path, device, want, verify=verify, experts=False)
             self._packed = PackedCheckpoint(packed_path)
+            if verify == "full":  # every expert once now, not only those a request happens to route to
+                try:
+                    self._packed.verify(regions=list(self._packed.experts.values()))
+                except BaseException:
+                    self._packed.close()
+                    raise
             kv_reserve = self._kv_reserve(max_model_len)
             library = Path(offload_dir) / "traces.npz" if offload_dir else packed_path / "traces.npz"
             offload, self.memory = attach_offload(
                 self.model, self._packed, torch.device(device), parse_size(device_memory) if device_memory else None,
                 kv_reserve, policy=cache_policy, prefetch=prefetch, library_path=library, expert_slots=expert_slots,
-                host_memory=parse_size(host_memory) if host_memory is not None and device != "cpu" else None)
+                host_memory=parse_size(host_memory) if host_memory is not None and device != "cpu" else None,
+                verify=verify)
         else:
             self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
             self.memory = {"device_bytes": _tensor_bytes(self.model) + self._kv_reserve(max_model_len)}

@@ -285,10 +285,12 @@ def test_flipped_byte_is_found_with_verify(copy):
     data = bytearray(f.read_bytes())
     data[e["offset"] + 100] ^= 0x01
     f.write_bytes(bytes(data))
-    load_model(copy)  # sizes are fine: without verify the damage cannot be seen
-    pattern = re.escape(f"{e['file']}: checksum mismatch in tensor '{e['name']}'")
-    with pytest.raises(CheckpointError, match=pattern):
-        load_model(copy, verify=True)
+    load_model(copy, verify="off")  # sizes are fine: without checksums the damage cannot be seen
+    pattern = re.escape(f"{e['file']}: checksum mismatch in tensor '{e['name']}' (expert {e['expert']} of "
+                        f"layer {e['layer']})")
+    for verify in (None, "first-read", True, "full"):  # the resident load reads it: checked on that first read
+        with pytest.raises(CheckpointError, match=pattern):
+            load_model(copy, verify=verify)
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         PackedCheckpoint(copy).read_expert(e["layer"], e["expert"], verify=True)
     with pytest.raises(CheckpointError, match=r"1 corrupt region"):

@@ -40,15 +40,15 @@ def dense_bytes(model) -> int:
 def attach_offload(model, packed, device: torch.device, device_memory: Optional[int], kv_reserve: int,
                    policy: str = "activation", prefetch: str = "lookahead", library_path: Optional[Path] = None,
                    expert_slots: Optional[int] = None, threads: int = 4,
-                   host_memory: Optional[int] = None) -> tuple[OffloadRuntime, dict]:
+                   host_memory: Optional[int] = None, verify: str = "first-read") -> tuple[OffloadRuntime, dict]:
     """Replace each MoE block's experts by ones served from ``packed`` through a slot pool.
 
     The pool gets what ``device_memory`` leaves after the dense weights and
     ``kv_reserve`` (or exactly ``expert_slots`` slots); fewer slots than one
     layer's experts is an error that says the smallest budget that works.
     ``host_memory`` (a GPU ``device``): a host tier of that many bytes of pinned
-    expert slots between the disk and the device. Returns the runtime and the
-    memory accounting.
+    expert slots between the disk and the device. ``verify``: when expert reads check their
+    checksums (:mod:`moetier.weights.checksum`). Returns the runtime and the memory accounting.
     """
     from .sources import PackedSource
 
@@ -56,7 +56,7 @@ def attach_offload(model, packed, device: torch.device, device_memory: Optional[
     if not blocks:
         raise MoetierError("this model has no MoE layers to offload")
     num_experts = blocks[0].experts.num_experts
-    source = PackedSource(packed, [_decoder_layer(model, b) for b in blocks])
+    source = PackedSource(packed, [_decoder_layer(model, b) for b in blocks], verify=verify)
     slot = source.layout.slot_bytes
     dense = dense_bytes(model)
     if expert_slots is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .store import ALIGN, ExpertLayout
@@ -32,15 +34,29 @@ class PackedSource:
     """Experts read from a packed checkpoint on disk, one aligned read each (O_DIRECT where allowed).
 
     ``layers[i]`` is the decoder layer of MoE layer ``i`` (the store counts MoE layers only).
+    ``verify`` (see :mod:`moetier.weights.checksum`): ``"first-read"`` checks each expert's CRC-32
+    on its first read and remembers it, ``"full"`` on every read, ``"off"`` never. The check runs
+    in the caller, a loader thread of the store, so it overlaps the other loads and the math; a
+    mismatch is a CheckpointError naming the file, the layer and the expert.
     """
 
-    def __init__(self, packed, layers: list[int]):
+    def __init__(self, packed, layers: list[int], verify: str = "first-read"):
+        from ..weights.checksum import parse_verify
+
         self.packed = packed
         self.layers = layers
+        self.verify = parse_verify(verify)
+        self.verified: set[tuple[int, int]] = set()  # (decoder layer, expert) whose bytes were checked
+        self._lock = threading.Lock()
         r = packed.expert_region(layers[0], 0)
         gu, dn = r.parts
         self.layout = ExpertLayout(gate_up=tuple(gu.shape), down=tuple(dn.shape), dtype=r.dtype,
                                    down_offset=dn.offset)
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> None:
-        self.packed.read_into(self.layers[layer], expert, out)
+        key = (self.layers[layer], expert)
+        check = self.verify == "full" or (self.verify == "first-read" and key not in self.verified)
+        self.packed.read_into(*key, out, verify=check)
+        if check:
+            with self._lock:
+                self.verified.add(key)

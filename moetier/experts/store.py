@@ -286,22 +286,27 @@ class ExpertStore:
                 self._protected.discard(k)
                 self.policy.touch(k)
         t0 = time.perf_counter()
-        while missing:
-            with self._lock:
-                fut = self._start(missing[0], layer, prefetch=False)
-                if fut is not None:
-                    waits.append(fut)
-                    missing.pop(0)
-                    continue
-                # every other slot is mid-load: wait for one (a prefetch first) and evict it then
-                busy = sorted(self._loading.items(), key=lambda kv: kv[0] in self._in_use)
-                if not busy:
-                    raise RuntimeError(f"expert store has {self.num_slots} slots, too few for the "
-                                       f"{len(keys)} experts layer {layer} needs")
-                blocker = busy[0][1]
-            wait([blocker])
-        for fut in waits:
-            fut.result()  # re-raises a read error in this thread
+        try:
+            while missing:
+                with self._lock:
+                    fut = self._start(missing[0], layer, prefetch=False)
+                    if fut is not None:
+                        waits.append(fut)
+                        missing.pop(0)
+                        continue
+                    # every other slot is mid-load: wait for one (a prefetch first) and evict it then
+                    busy = sorted(self._loading.items(), key=lambda kv: kv[0] in self._in_use)
+                    if not busy:
+                        raise RuntimeError(f"expert store has {self.num_slots} slots, too few for the "
+                                           f"{len(keys)} experts layer {layer} needs")
+                    blocker = busy[0][1]
+                wait([blocker])
+            for fut in waits:
+                fut.result()  # re-raises a read error (a CheckpointError: corrupt or short) in this thread
+        except BaseException:
+            with self._lock:  # no release() follows a failed acquire: unpin, so the slots can be reused
+                self._in_use.difference_update(keys)
+            raise
         if waits:
             self.stats.stall_s += time.perf_counter() - t0
         out = {}

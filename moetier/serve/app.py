@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
 from ..batch_file import _text_content, logprobs_of
-from ..errors import RequestError
+from ..errors import CheckpointError, RequestError
 from ..tokenizer import chat_prompt, require
 from .metrics import Metrics
 from .pool import ModelPool
@@ -258,7 +258,7 @@ class Handler(BaseHTTPRequestHandler):
                 send("[DONE]")
                 return
             else:
-                send(APIError(500, f"generation failed: {payload}", type="server_error").body())
+                send(generation_failed(payload).body())
                 send("[DONE]")
                 raise _StreamFailed(payload)
 
@@ -301,7 +301,16 @@ def _collect(q: queue.Queue, timing: _Timing) -> list:
             timing.done()
             return payload
         elif kind == "error":
-            raise APIError(500, f"generation failed: {payload}", type="server_error")
+            raise generation_failed(payload)
+
+
+def generation_failed(e: Exception) -> APIError:
+    """The 500 for a request whose generation failed; a damaged checkpoint (a checksum mismatch,
+    a short read: a CheckpointError naming the file, layer and expert) says so in its code."""
+    if isinstance(e, CheckpointError):
+        return APIError(500, f"generation failed: the model's checkpoint is damaged: {e}", type="server_error",
+                        code="checkpoint_error")
+    return APIError(500, f"generation failed: {e}", type="server_error")
 
 
 def make_server(models: dict[str, str], load, host: str = "127.0.0.1", port: int = 8000,

@@ -16,6 +16,7 @@ from ..models.weights_map import ExpertPiece, layer_index
 from .storage import weight_storage
 from .safetensors import SafetensorsReader
 from .packed import PackedCheckpoint, is_packed
+from .checksum import checks_on_load
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,15 @@ def checkpoint_dtype(raw: dict, reader: SafetensorsReader) -> torch.dtype:
 
 def load_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-    *, verify: bool = False, experts: bool = True,
+    *, verify: bool | str | None = None, experts: bool = True,
 ) -> tuple[CausalLM, BaseModelArgs, dict]:
     """Return ``(model, args, raw_config)`` with every weight on ``device`` in ``dtype``.
 
     ``folder`` is a Hugging Face safetensors folder or a packed one (``moetier convert``), told
-    apart by the packed index. ``verify``: check every region's checksum (packed folders; sizes
-    are always checked). ``experts=False`` leaves the routed experts unloaded (on the meta
-    device), for the expert store to serve.
+    apart by the packed index. ``verify``: a mode of :mod:`moetier.weights.checksum`; every mode
+    but ``"off"`` checks the checksum of each region this load reads (packed folders; sizes are
+    always checked; safetensors files carry no checksums). ``experts=False`` leaves the routed
+    experts unloaded (on the meta device), for the expert store to serve.
     """
     folder = Path(folder)
     family, args, raw = load_args(folder)
@@ -97,7 +99,7 @@ def load_model(
     if is_packed(folder):
         with PackedCheckpoint(folder) as ckpt:
             dtype = parse_dtype(dtype) or ckpt.dtype
-            state = ckpt.load_state(family.weights, expected, device, dtype, verify=verify)
+            state = ckpt.load_state(family.weights, expected, device, dtype, verify=checks_on_load(verify))
     else:
         with SafetensorsReader(folder) as reader:
             dtype = parse_dtype(dtype) or checkpoint_dtype(raw, reader)

@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -50,6 +49,7 @@ from typing import Optional
 import torch
 
 from ..errors import CheckpointError
+from .checksum import crc32, mismatch
 from .direct_io import ALIGN, FileReader, aligned_buffer, round_up
 from .storage import weight_storage
 from .packed_load import DEFAULT_CHUNK, DEFAULT_THREADS, Job, Pipeline, Segment
@@ -326,19 +326,17 @@ class PackedCheckpoint:
 
     @staticmethod
     def _check_crc(r: Region, data: memoryview) -> None:
-        crc = zlib.crc32(data)
+        crc = crc32(data)
         if crc != r.checksum:
-            raise CheckpointError(
-                f"{r.path}: checksum mismatch in {r.what}: crc32 {crc:#010x}, the index records {r.checksum:#010x}; "
-                f"the file is corrupt, convert again"
-            )
+            raise mismatch(r, crc)
 
-    def verify(self, threads: int = DEFAULT_THREADS, progress: bool = False) -> int:
-        """Re-read every region and check its checksum; returns the bytes checked.
+    def verify(self, threads: int = DEFAULT_THREADS, progress: bool = False,
+               regions: Optional[list[Region]] = None) -> int:
+        """Re-read every region (or those of ``regions``) and check its checksum; returns the bytes checked.
 
         Raises one CheckpointError listing every corrupt region (the first few by name).
         """
-        regions = self.regions()
+        regions = self.regions() if regions is None else regions
         total = sum(r.nbytes for r in regions)
         bar = _bar(total, "Verifying", progress)
         try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -25,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import CheckpointError
+from .checksum import crc32, mismatch
 from .direct_io import ALIGN, FileReader, aligned_buffer, round_up
 
 DEFAULT_CHUNK = 8 << 20
@@ -228,13 +228,13 @@ class Pipeline:
                 self._fill(r, segs, spans, lo, length)
                 if self.verify:
                     for sp in spans:
-                        crc = zlib.crc32(sp.view, crc)
+                        crc = crc32(sp.view, crc)
             else:
                 buf = self.pool.get()
                 try:
                     self.reader.read(r.path, r.offset + lo, buf.data, length, r.what)
                     if self.verify:
-                        crc = zlib.crc32(buf.view[:length], crc)
+                        crc = crc32(buf.view[:length], crc)
                     if segs:
                         if stream is not None:
                             with torch.cuda.stream(stream):
@@ -247,10 +247,7 @@ class Pipeline:
                     self.pool.put(buf)
             self._progress(length)
         if self.verify and crc != r.checksum:
-            raise CheckpointError(
-                f"{r.path}: checksum mismatch in {r.what} (bytes {r.offset}..{r.offset + r.nbytes}): "
-                f"crc32 {crc:#010x}, the index records {r.checksum:#010x}; the file is corrupt, convert again"
-            )
+            raise mismatch(r, crc)
 
     def _fill(self, r, segs: Sequence[Segment], spans: list[_Span], lo: int, length: int) -> None:
         """CPU, same dtype: fill the targets of region bytes ``[lo, lo + length)`` in place.
