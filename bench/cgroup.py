@@ -37,6 +37,7 @@ class LimitedRun:
     peak_bytes: Optional[int]
     oom_killed: bool
     timed_out: bool
+    limit_hits: Optional[int]  # times usage reached the limit and the kernel had to reclaim (v1 failcnt, v2 "max")
     stdout: str
     stderr: str
     cgroup: str  # "v2" or "v1"
@@ -187,6 +188,12 @@ def _oom_kills(kind: str, group: Path) -> int:
     return _keyed(group / "memory.oom_control").get("oom_kill", 0)
 
 
+def _limit_hits(kind: str, group: Path) -> Optional[int]:
+    if kind == "v2":
+        return _keyed(group / "memory.events").get("max")
+    return _read_int(group / "memory.failcnt")
+
+
 def _peak(kind: str, group: Path) -> Optional[int]:
     return _read_int(group / ("memory.peak" if kind == "v2" else "memory.max_usage_in_bytes"))
 
@@ -245,8 +252,8 @@ def run_limited(cmd: Sequence[str], limit: int, *, timeout: Optional[float] = No
             timed_out = True
             p.kill()
             out, err = p.communicate()
-        return LimitedRun(p.returncode, _peak(kind, group), _oom_kills(kind, group) > 0, timed_out, out, err,
-                          kind, int(limit))
+        return LimitedRun(p.returncode, _peak(kind, group), _oom_kills(kind, group) > 0, timed_out,
+                          _limit_hits(kind, group), out, err, kind, int(limit))
     finally:
         _remove(kind, group)
 
