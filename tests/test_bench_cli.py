@@ -48,6 +48,28 @@ def test_result_is_complete_and_positive(runs, system):
     assert r["end_to_end"]["output_tokens"] == 2 * 6 and r["decode"]["steps"] == 5
     assert 0 < r["decode"]["s_mbu"] and 0 < r["decode"]["s_mfu"] < 1
     assert len(r["decode"]["activated_experts_per_layer"]) == r["model_shape"]["moe_layers"]
+    assert r["quantization"] == "none" and r["dtype"] == "float32"  # the demo ships float32 weights
+
+
+def test_quantization_is_recorded_and_labels_the_run(runs):
+    from types import SimpleNamespace
+
+    import torch
+
+    from moetier.bench.report import label, radar_scores
+    from moetier.bench.system_moetier import quantization_of
+
+    plain = SimpleNamespace(model=torch.nn.Linear(2, 2))
+    assert quantization_of(plain) == "none"
+    scheme = {"name": "int4", "experts": {"kind": "int4", "group_size": 32}, "dense": None}
+    assert quantization_of(SimpleNamespace(model=plain.model, quantization=scheme)) == scheme
+    marked = SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    marked.model[0].qweight = object()  # a quantized linear the LLM does not describe: not "none"
+    assert quantization_of(marked) != "none"
+    r = dict(runs[1]["moetier"], quantization=scheme)
+    assert label(r) == "moetier · demo · int4" and label(runs[1]["moetier"]) == "moetier · demo"
+    # the radar's accuracy axis is the task's exact-match accuracy, as recorded
+    assert radar_scores([r])[0][0] == r["accuracy"]["accuracy"] > 0
 
 
 def test_both_systems_see_the_same_routing(runs):

@@ -35,8 +35,17 @@ def load_results(dirs: list[Path]) -> list[dict]:
     return results
 
 
+def quant_label(r: dict) -> str:
+    """The run's quantization in a few characters ("" for none, and for results written before it was recorded)."""
+    q = r.get("quantization", "none")
+    if isinstance(q, dict):
+        q = q.get("name") or ", ".join(f"{k} {v}" for k, v in q.items())
+    return "" if q in (None, "none") else str(q)
+
+
 def label(r: dict) -> str:
-    return f"{r['system']} · {Path(r['model']).name}"
+    q = quant_label(r)
+    return f"{r['system']} · {Path(r['model']).name}" + (f" · {q}" if q else "")
 
 
 def _work(r: dict) -> str:
@@ -131,6 +140,8 @@ def draw_radar(results: list[dict], path: Path) -> None:
         several_hw = len({r["hardware"]["name"] for r in runs}) > 1
         for r, row in zip(runs, radar_scores(runs)):
             name = f"{r['system']} ({r['hardware']['name']})" if several_hw else r["system"]
+            if quant_label(r):  # runs of one model at several quantizations share a chart
+                name += f" · {quant_label(r)}"
             ax.plot(angles + angles[:1], row + row[:1], linewidth=2, label=name)
             ax.fill(angles + angles[:1], row + row[:1], alpha=0.15)
         scored = any(_get(r, "accuracy", "accuracy") is not None for r in runs)

@@ -100,6 +100,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             bar.close()
         accuracy = _accuracy(system, items, task_file)
         expert_cache = system.stats()
+        quantization = system.quantization
         hw = hardware.resolve(cfg.hardware, system.dtype, system.device, cfg.usd_per_hour, cfg.watts)
     finally:
         system.close()
@@ -111,6 +112,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "model_type": args.model_type,
         "device": str(system.device),
         "dtype": str(system.dtype).removeprefix("torch."),
+        "quantization": quantization,  # "none": the weights are in dtype
         "threads": torch.get_num_threads(),
         "workload": {**workload.describe(requests, cfg.workload),
                      **({"concurrency": cfg.concurrency} if cfg.concurrency else {"batch": cfg.slots})},

@@ -8,6 +8,8 @@ running into each step (a newcomer's prefill next to the others' decode tokens).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections import deque
 
@@ -74,5 +76,27 @@ class MoetierSystem:
         """Expert-cache counters of an offloaded run (empty when every expert is resident)."""
         return self.llm.stats()
 
+    @property
+    def quantization(self):
+        """The weights' quantization, as result.json records it (see :func:`quantization_of`)."""
+        return quantization_of(self.llm)
+
     def close(self) -> None:
         self.llm.close()
+
+
+def quantization_of(llm):
+    """What ``llm``'s weights are quantized to: ``"none"`` for 16/32-bit weights (result.json has
+    their dtype beside it), else ``llm.quantization`` as the loader sets it (the scheme of a
+    quantized packed folder, or of quantize-on-load): a short string such as ``"int4"``, or a
+    dict (``{"name": ..., "experts": ..., "dense": ...}``), made JSON-safe here. This is the one
+    place the benchmark reads it from."""
+    q = getattr(llm, "quantization", None)
+    if q is None and any(getattr(m, "quant_layout", None) is not None or hasattr(m, "qweight")
+                         for m in llm.model.modules()):
+        return "quantized (scheme not recorded)"  # quantized modules, but the LLM does not say how
+    if q is None or q == "none":
+        return "none"
+    if dataclasses.is_dataclass(q) and not isinstance(q, type):
+        q = dataclasses.asdict(q)
+    return json.loads(json.dumps(q, default=str))

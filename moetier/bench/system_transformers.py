@@ -54,6 +54,15 @@ class TransformersSystem:
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.pad = gen.pad_token_id if gen.pad_token_id is not None else min(self.eos, default=0)
 
+    @property
+    def quantization(self):
+        """The checkpoint's quantization (its config's ``quantization_config``), else ``"none"``."""
+        qc = getattr(self.model.config, "quantization_config", None)
+        if not qc:
+            return "none"
+        d = qc if isinstance(qc, dict) else qc.to_dict()
+        return {k: d[k] for k in ("quant_method", "bits", "group_size") if k in d} or "quantized"
+
     def _generate(self, prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool, streamer=None):
         """Greedy ``generate`` of left-padded ``prompts``; returns the new tokens ``[B, max_new_tokens]``."""
         width = max(len(p) for p in prompts)
