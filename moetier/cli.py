@@ -199,8 +199,11 @@ def _eval_text(args) -> int:
     base = None
     try:
         if args.kl_base is not None:
-            base = _llm(args, model=args.kl_base, device_memory=args.kl_base_memory, host_memory=None,
-                        offload_dir=None)
+            from .llm import LLM
+
+            # the reference as it is: only the options that make its numbers comparable are passed on
+            base = LLM(args.kl_base, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                       device_memory=args.kl_base_memory)
         t0 = time.perf_counter()
         result = text_eval(llm, windows, base, use_tqdm=not args.quiet)
         report = {"model": args.model, "kl_base": args.kl_base, "text": text_path, **result,
