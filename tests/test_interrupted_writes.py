@@ -374,3 +374,23 @@ def test_too_little_space_is_refused_before_anything_is_written(hf, good, tmp_pa
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: real(p)._replace(free=int(size * 1.1) + 65536))
     convert(hf, tmp_path / "packed", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
+
+
+def test_a_full_disk_at_library_save_warns_and_keeps_the_old_library(hf, good, small_disk, caplog):
+    size = sum(f.stat().st_size for f in good.iterdir())
+    off = small_disk(size + 512 * 1024)  # the packed copy and its library, little more
+    with LLM(hf, dtype="float32", expert_slots=9, offload_dir=off, prefetch="trace") as llm:
+        want = _run(llm)
+    before = (off / "traces.npz").read_bytes()
+    with open(off / "filler", "wb", buffering=0) as fh:  # take every block left
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    with caplog.at_level("WARNING", logger="moetier.experts.offload"):
+        with LLM(hf, dtype="float32", expert_slots=9, offload_dir=off, prefetch="trace") as llm:
+            assert _run(llm) == want
+    assert any("could not save the trace library" in r.getMessage() for r in caplog.records), caplog.text
+    assert (off / "traces.npz").read_bytes() == before
+    assert sorted(p.name for p in off.iterdir()) == ["filler", "packed-float32", "traces.npz"]

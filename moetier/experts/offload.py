@@ -3,6 +3,7 @@ per-step bookkeeping (activation traces, prefetch) around them."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,8 @@ import torch
 from ..models.moe import ExpertsBase
 from .prefetch import Prefetcher
 from .store import ExpertStore
+
+log = logging.getLogger(__name__)
 
 
 class ExpertTracer:
@@ -98,8 +101,15 @@ class OffloadRuntime:
             self.library.add(counts)
             now = time.monotonic()
             if self.library_path is not None and now - self._saved > 10:  # and at close()
-                self.library.save(self.library_path)
+                self._save_library()
                 self._saved = now
+
+    def _save_library(self) -> None:
+        """Save the library; a failure (a full disk) is a warning: it only guides prefetching."""
+        try:
+            self.library.save(self.library_path)
+        except OSError as e:
+            log.warning("could not save the trace library to %s: %s", self.library_path, e)
 
     def stats(self) -> dict:
         return self.store.stats.as_dict()
@@ -107,4 +117,4 @@ class OffloadRuntime:
     def close(self) -> None:
         self.store.close()
         if self.library_path is not None and len(self.library):
-            self.library.save(self.library_path)
+            self._save_library()
