@@ -54,10 +54,12 @@ def emit(obj: dict) -> None:
 
 
 def spawn_worker(script: str, spec: dict, timeout: float, tags: tuple[str, ...] = (),
-                 echo_stderr: bool = False) -> list[dict]:
+                 echo_stderr: bool = False, ram_limit: int | None = None) -> list[dict]:
     """Run ``script --worker SPEC_FILE`` in a fresh process (its peak RSS is its own): its JSON lines,
     or one error object carrying ``spec``'s ``kind`` and ``tags``. ``echo_stderr``: pass the tail of
-    a successful worker's stderr on (a plan's explanation)."""
+    a successful worker's stderr on (a plan's explanation). ``ram_limit``: run it in a memory cgroup
+    of that many bytes (bench/cgroup.py; page cache counted, no swap); every row then carries the
+    group's ``peak_mib``, ``oom_killed`` and ``limit_hits``."""
     import subprocess
     import sys
     import tempfile
@@ -68,11 +70,20 @@ def spawn_worker(script: str, spec: dict, timeout: float, tags: tuple[str, ...] 
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="spec-") as f:
         json.dump(spec, f)  # a file: a spec with thousands of prompts is too long for a command line
         f.flush()
-        try:
-            p = subprocess.run([sys.executable, script, "--worker", f.name], capture_output=True, text=True,
-                               timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return [{**error, "error": f"timed out after {timeout:.0f}s"}]
+        cmd = [sys.executable, script, "--worker", f.name]
+        limited = None
+        if ram_limit is not None:
+            from cgroup import run_limited
+
+            limited = run_limited(cmd, ram_limit, timeout=timeout, env=env)
+            if limited.timed_out:
+                return [{**error, "error": f"timed out after {timeout:.0f}s"}]
+            p = subprocess.CompletedProcess(cmd, limited.returncode, limited.stdout, limited.stderr)
+        else:
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            except subprocess.TimeoutExpired:
+                return [{**error, "error": f"timed out after {timeout:.0f}s"}]
     rows = []
     for line in p.stdout.splitlines():
         if line.startswith("{"):
@@ -81,9 +92,15 @@ def spawn_worker(script: str, spec: dict, timeout: float, tags: tuple[str, ...] 
             except ValueError:
                 pass
     if p.returncode != 0 or not rows:
-        rows.append({**error, "error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:]})
+        why = "OOM-killed" if limited is not None and limited.oom_killed else f"exit {p.returncode}"
+        rows.append({**error, "error": why, "stderr_tail": p.stderr[-2000:]})
     elif echo_stderr:
         sys.stderr.write(p.stderr[-3000:])
+    if limited is not None:
+        for row in rows:
+            row.update({"ram_limit_mib": round(ram_limit / 2**20, 1), "oom_killed": limited.oom_killed,
+                        "peak_mib": None if limited.peak_bytes is None else round(limited.peak_bytes / 2**20, 1),
+                        "limit_hits": limited.limit_hits})
     return rows
 
 

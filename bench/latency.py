@@ -34,6 +34,13 @@ requests (other prompts) before the timed one, which fill the library and the ca
     python bench/latency.py                        # the issue's size: 32-layer Mixtral ~5.5 GiB, 2 GiB budget (~16 min)
     python bench/latency.py --layers 16 --budget 1GiB --rounds 1      # ~2.8 GiB model, faster
     python bench/latency.py --layers 4 --budget 0.5GiB --quick        # a smoke run (~2 min)
+
+``--ram-limit SIZE`` runs a different comparison (bench/latency_ram.py): every engine (moetier at
+each of ``--ram-budgets``, llama.cpp's mmap through llama-cpp-python, accelerate) inside a memory
+cgroup of SIZE (bench/cgroup.py; needs root or a delegated cgroup), conversion included:
+
+    python bench/latency.py --layers 16 --ram-limit 2GiB --rounds 2 --new-tokens 16 --warmup-requests 1 \
+        --acc-tokens 4 --gguf-converter llama_cpp_python-0.3.36.tar.gz
 """
 
 from __future__ import annotations
@@ -378,7 +385,35 @@ def worker_demo(spec: dict) -> None:
             llm.close()
 
 
-WORKERS = {"moetier": worker_moetier, "accelerate": worker_accelerate, "demo": worker_demo}
+def worker_convert(spec: dict) -> None:
+    """moetier's first-use conversion (HF folder -> packed), alone in its process."""
+    import torch
+
+    from moetier.experts.setup import ensure_packed
+
+    t0 = time.perf_counter()
+    ensure_packed(Path(spec["folder"]), torch.bfloat16, Path(spec["offload_dir"]))
+    emit({"what": "convert", "convert_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": peak_rss_gib()})
+
+
+def worker_llamacpp(spec: dict) -> None:
+    """llama.cpp (llama-cpp-python, mmap) on the GGUF: the same prompts and token counts as moetier."""
+    from gguf_peer import decode_latency, llama_cpp_version
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    warm = [prompt_ids(spec["vocab"], spec["prompt_len"], 100 + i) for i in range(spec["warmup_requests"])]
+    r = decode_latency(spec["gguf"], spec["prompt"], spec["new_tokens"], threads=spec["threads"] or 1,
+                       warmup=warm, warmup_tokens=spec["warmup_tokens"])
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - before
+    n_tok = spec["warmup_requests"] * spec["warmup_tokens"] + spec["new_tokens"]
+    emit({"what": "llama.cpp", "mode": spec["mode"], "llama_cpp_python": llama_cpp_version(), "load_s": r["load_s"],
+          "prefill_ms": round(r["prefill_s"] * 1e3, 1), **latency_fields(r["decode_s"]), "tokens": r["tokens"],
+          "major_faults_per_token": round(faults / max(1, n_tok), 1), "rss_gib": rss_gib(),
+          "peak_rss_gib": peak_rss_gib()})
+
+
+WORKERS = {"moetier": worker_moetier, "accelerate": worker_accelerate, "demo": worker_demo,
+           "convert": worker_convert, "llamacpp": worker_llamacpp}
 
 
 def spawn(spec: dict, timeout: float) -> list[dict]:
@@ -441,6 +476,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 1 round, few tokens, lru/activation x trace/none")
     ap.add_argument("--cleanup", action="store_true", help="delete --dir at the end (checkpoints can be many GB)")
+    ap.add_argument("--ram-limit", default=None, metavar="SIZE",
+                    help="run every engine in a memory cgroup of SIZE, conversion included (see above)")
+    ap.add_argument("--ram-budgets", nargs="+", default=["1GiB", "1400MiB", "auto"],
+                    help="with --ram-limit: moetier's device_memory values")
+    ap.add_argument("--acc-budget", default=None,
+                    help="with --ram-limit: accelerate's max_memory['cpu'] (default: the first of --ram-budgets)")
+    ap.add_argument("--gguf-converter", default=None, metavar="PATH",
+                    help="with --ram-limit: llama.cpp's convert_hf_to_gguf.py, its folder, or the llama-cpp-python "
+                         "sdist (default: $LLAMA_CPP_CONVERTER)")
+    ap.add_argument("--skip-llama", action="store_true", help="with --ram-limit: no llama.cpp run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -464,6 +509,11 @@ def main() -> None:
         return row
 
     folder = args.dir / model_name(args)
+    if args.ram_limit:
+        import latency_ram
+
+        out(latency_ram.run(args, __file__, folder, prompt_ids))
+        return
     budget = parse_size(args.budget)
     rows: list[dict] = []
     demo_rows: list[dict] = []
