@@ -256,21 +256,23 @@ class LLM:
         finally:
             self.engine.abort(rid)
 
-    def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+    def next_token_logprobs(self, token_ids: list[int], start: int = 0) -> torch.Tensor:
         """The model's next-token log-softmax after each prefix of ``token_ids``.
 
-        Row ``i`` of the ``[len(token_ids) - 1, vocab]`` float32 result is
-        ``log p(. | token_ids[:i + 1])``: the full distributions behind
+        Row ``i`` of the ``[len(token_ids) - 1 - start, vocab]`` float32 result is
+        ``log p(. | token_ids[:start + i + 1])``: the full distributions behind
         ``SamplingParams(prompt_logprobs=k)``, computed by the same step (``moetier eval --kl-base``
-        compares them between two models).
+        compares them between two models). ``start``: skip the first positions' rows (not kept).
         """
         from .runtime.prompt_logprobs import FullDistributions
 
         ids = [int(t) for t in token_ids]
         self.engine.check_prompt(ids)
+        if not 0 <= start < len(ids):
+            raise RequestError(f"start must be in [0, {len(ids) - 1}] for {len(ids)} tokens, got {start}")
         rid = f"logprobs-{uuid.uuid4().hex}"
         seq = self.engine.add_request(rid, ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
-        seq.prompt_sink = sink = FullDistributions(len(ids), self.args.vocab_size)
+        seq.prompt_sink = sink = FullDistributions(len(ids), self.args.vocab_size, start)
         try:
             while not seq.finished:
                 self.engine.step()

@@ -74,24 +74,27 @@ def make_windows(tokenizer, text: str, ctx: int, limit: Optional[int] = None, so
     return [bos + ids[i * step:(i + 1) * step] for i in range(count)]
 
 
-def scored_rows(ctx: int) -> slice:
-    """The rows of a window's ``[ctx - 1, vocab]`` distributions that are scored: its second half."""
-    return slice(ctx // 2, ctx - 1)
+def first_scored(ctx: int) -> int:
+    """The first scored row of a window's ``[ctx - 1, vocab]`` distributions: its second half is scored."""
+    return ctx // 2
 
 
 def window_scores(model_logp: torch.Tensor, targets: torch.Tensor,
-                  base_logp: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                  base_logp: Optional[torch.Tensor] = None, rows: int = 64) -> dict[str, torch.Tensor]:
     """Per position (``[N]`` each): the model's NLL of the actual token, and with a base, the base's
-    NLL, KL(base || model) and whether the argmaxes agree. ``*_logp``: ``[N, vocab]`` log-softmax."""
-    nll = -model_logp.gather(1, targets[:, None])[:, 0].double()
-    out = {"nll": nll}
+    NLL, KL(base || model) and whether the argmaxes agree. ``*_logp``: ``[N, vocab]`` log-softmax.
+    KL sums in float64, ``rows`` positions at a time (bounded temporaries for big vocabularies)."""
+    out = {"nll": -model_logp.gather(1, targets[:, None])[:, 0].double()}
     if base_logp is not None:
-        b, m = base_logp.double(), model_logp.double()
-        p = b.exp()
-        # a token the base gives probability 0 adds nothing (and -inf - -inf must not become nan)
-        kl = torch.where(p > 0, p * (b - m), torch.zeros((), dtype=b.dtype)).sum(dim=1)
-        out.update(base_nll=-b.gather(1, targets[:, None])[:, 0], kl=kl,
-                   top1=(base_logp.argmax(dim=1) == model_logp.argmax(dim=1)))
+        out["base_nll"] = -base_logp.gather(1, targets[:, None])[:, 0].double()
+        out["top1"] = base_logp.argmax(dim=1) == model_logp.argmax(dim=1)
+        kl = []
+        for lo in range(0, base_logp.shape[0], rows):
+            b, m = base_logp[lo:lo + rows].double(), model_logp[lo:lo + rows].double()
+            p = b.exp()
+            # a token the base gives probability 0 adds nothing (and -inf - -inf must not become nan)
+            kl.append(torch.where(p > 0, p * (b - m), torch.zeros((), dtype=b.dtype)).sum(dim=1))
+        out["kl"] = torch.cat(kl)
     return out
 
 
@@ -103,10 +106,10 @@ def text_eval(llm, windows: list[list[int]], base=None, use_tqdm: bool = True) -
     bar = tqdm(windows, desc="KL divergence" if base is not None else "perplexity", unit="window",
                disable=not use_tqdm, dynamic_ncols=True)
     for ids in bar:
-        rows = scored_rows(len(ids))
-        targets = torch.tensor(ids[1:])[rows]
-        model_logp = llm.next_token_logprobs(ids)[rows]
-        base_logp = base.next_token_logprobs(ids)[rows] if base is not None else None
+        first = first_scored(len(ids))
+        targets = torch.tensor(ids[first + 1:])
+        model_logp = llm.next_token_logprobs(ids, first)  # [len(ids) - 1 - first, vocab]
+        base_logp = base.next_token_logprobs(ids, first) if base is not None else None
         for k, v in window_scores(model_logp, targets, base_logp).items():
             parts.setdefault(k, []).append(v)
         if base is not None:

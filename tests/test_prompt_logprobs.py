@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moetier import LLM, SamplingParams
+from moetier.errors import RequestError
 from moetier.runtime import prompt_logprobs
 from tiny import FAMILY_CONFIGS, add_char_tokenizer, fixed_machine_profile, make_checkpoint, reference_logits
 
@@ -89,7 +90,7 @@ def test_lm_head_runs_in_bounded_chunks(ckpt, monkeypatch):
     assert all(len(e) == 1 for e in out.prompt_logprobs[1:])  # k = 0: the actual token only
 
 
-def test_next_token_logprobs_are_full_distributions(ckpt):
+def test_next_token_logprobs_are_full_distributions(ckpt, monkeypatch):
     llm = LLM(ckpt, dtype="float32")
     ids = llm.tokenizer.encode("hello there, MoE")
     got = llm.next_token_logprobs(ids)
@@ -97,6 +98,12 @@ def test_next_token_logprobs_are_full_distributions(ckpt):
     assert got.shape == ref.shape == (len(ids) - 1, llm.args.vocab_size)
     assert (got - ref).abs().max().item() <= TOL
     assert not llm.engine.has_unfinished()
+    monkeypatch.setattr(prompt_logprobs, "CHUNK_ELEMENTS", 3 * llm.args.vocab_size)  # rows arrive 3 at a time
+    for start in (1, 4, 5, len(ids) - 2):  # from a chunk's first, middle and last row on
+        part = llm.next_token_logprobs(ids, start)
+        assert part.shape[0] == len(ids) - 1 - start and (part - ref[start:]).abs().max().item() <= TOL
+    with pytest.raises(RequestError, match="start"):
+        llm.next_token_logprobs(ids, len(ids))
 
 
 def test_first_completion_only_one_token_prompt_and_bad_values(tmp_path_factory):

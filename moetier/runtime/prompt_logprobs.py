@@ -99,12 +99,17 @@ class PromptLogprobs:
 
 
 class FullDistributions:
-    """Every prompt position's whole log-softmax, in ``rows`` (``[prompt_len - 1, vocab]``)."""
+    """The whole log-softmax of every prompt position from ``start`` on, in ``rows``
+    (``[prompt_len - 1 - start, vocab]``; row ``i`` predicts prompt token ``start + i + 1``)."""
 
-    def __init__(self, prompt_len: int, vocab: int):
-        self.rows = torch.empty(max(0, prompt_len - 1), vocab, dtype=torch.float32)
-        self.filled = 0
+    def __init__(self, prompt_len: int, vocab: int, start: int = 0):
+        self.rows = torch.empty(max(0, prompt_len - 1 - start), vocab, dtype=torch.float32)
+        self.start = start
+        self.seen = 0  # positions handed to add() so far
 
     def add(self, logp: torch.Tensor, targets: torch.Tensor) -> None:
-        self.rows[self.filled:self.filled + logp.shape[0]] = logp
-        self.filled += logp.shape[0]
+        skip = min(max(self.start - self.seen, 0), logp.shape[0])  # rows of this chunk before start
+        if skip < logp.shape[0]:
+            at = self.seen + skip - self.start
+            self.rows[at:at + logp.shape[0] - skip] = logp[skip:]
+        self.seen += logp.shape[0]
