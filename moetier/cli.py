@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None,
                    help='JSONL file, one {"prompt": ..., "answer": ...} per line '
                         "(default: the packaged held-out addition task)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items (with a text: windows)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="most tokens per completion (default: each answer's length in tokens + 2)")
     p.add_argument("--routing", action="store_true",
@@ -463,14 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of --ctx tokens (the second half of each scored), as llama.cpp's perplexity --kl-divergence.")
     g.add_argument("--kl-base", default=None, metavar="FOLDER",
                    help="the reference model (e.g. the bf16 checkpoint a quantized --model came from), loaded "
-                        "with the same --device and --dtype; --model --kl-base demo on itself gives KL 0")
+                        "with the same --device and --dtype (a model against itself gives KL 0)")
     g.add_argument("--kl-base-memory", default=None, metavar="SIZE",
                    help="offload the reference's experts within this budget (default: load it whole)")
     g.add_argument("--text", default=None, metavar="FILE",
                    help="UTF-8 text to score (default: the packaged moetier/tasks/eval_text.txt)")
     g.add_argument("--ctx", type=int, default=None, metavar="N",
-                   help="window length in tokens, BOS included (default: 512, or less to fit the context); "
-                        "--limit N scores only the first N windows")
+                   help="window length in tokens, BOS included (default: 512, or less to fit the context)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
