@@ -49,7 +49,9 @@ class LLM:
                  seed: Optional[int] = None, *, verify: bool | str | None = "first-read",
                  device_memory: Optional[str | int] = None, host_memory: Optional[str | int] = None,
                  offload_dir: Optional[str | Path] = None, cache_policy: str = "activation",
-                 prefetch: str = "lookahead", expert_slots: Optional[int] = None):
+                 prefetch: str = "lookahead", expert_slots: Optional[int] = None,
+                 quantization: Optional[str] = None, quant_group_size: Optional[int] = None,
+                 quant_dense: Optional[str] = None):
         """Load ``model`` (a checkpoint folder, a packed folder, or ``"demo"``).
 
         ``verify`` (packed folders; see :mod:`moetier.weights.checksum`): ``"first-read"`` (the
@@ -70,10 +72,18 @@ class LLM:
         layer's router; the default, best in ``bench/latency.py``), ``trace`` (match the trace
         library) or ``none``. Outputs are
         bit-identical to the all-resident run whatever the budget and policy.
+
+        ``quantization``: ``"int8"`` or ``"int4"`` routed experts, quantized on load (offloaded:
+        into the first-use packed copy in ``offload_dir``), ``quant_group_size`` inputs per scale
+        (int8: per-channel by default; int4: 32, or 64, 128, 256); ``quant_dense``: ``"int8"``
+        attention, LM head and dense MLPs, or ``"none"`` (routers, norms, embeddings stay 16-bit).
+        A packed folder converted with ``--quant`` loads as it is (``self.quantization`` says how).
         """
+        from .kernels.quant import parse_scheme
         from .weights.checksum import parse_verify
 
         verify = parse_verify(verify)
+        quant = (parse_scheme(quantization, quant_group_size), parse_scheme(quant_dense))  # bad values: fail first
         self.config = EngineConfig(str(model), device, dtype, max_model_len, max_num_seqs, max_batch_tokens, seed)
         if seed is not None:
             torch.manual_seed(seed)
@@ -96,7 +106,7 @@ class LLM:
             from .weights.packed import PackedCheckpoint
 
             want = parse_dtype(dtype)
-            packed_path = ensure_packed(self.path, want, Path(offload_dir) if offload_dir else None)
+            packed_path = ensure_packed(self.path, want, Path(offload_dir) if offload_dir else None, quant=quant)
             self.model, self.args, raw_config = load_model(packed_path, device, want, verify=verify, experts=False)
             self._packed = PackedCheckpoint(packed_path)
             if verify == "full":  # every expert once now, not only those a request happens to route to
@@ -114,7 +124,13 @@ class LLM:
                 verify=verify)
         else:
             self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
+            from .models.quantize import quantize_on_load
+
+            quantize_on_load(self.model, self.path, *quant)
             self.memory = {"device_bytes": _tensor_bytes(self.model) + self._kv_reserve(max_model_len)}
+        from .models.quantize import describe
+
+        self.quantization = describe(self.model)  # None: 16/32-bit weights
         self.tokenizer = load_tokenizer(self.path)
         gen_path = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}

@@ -33,8 +33,10 @@ def moe_blocks(model) -> list[SparseMoeBlock]:
 
 
 def dense_bytes(model) -> int:
-    """Bytes of every materialised parameter (the routed experts, still on meta, excluded)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    """Bytes of every materialised parameter (the routed experts, still on meta, excluded) and of the
+    quantized weights' codes and scales (buffers)."""
+    quant = [b for b in model.buffers() if b.layout == torch.strided and b.device.type != "meta"]
+    return sum(p.numel() * p.element_size() for p in [*model.parameters(), *quant] if p.device.type != "meta")
 
 
 def attach_offload(model, packed, device: torch.device, device_memory: Optional[int], kv_reserve: int,
@@ -107,9 +109,11 @@ def kv_bytes_per_token(args, dtype: torch.dtype) -> int:
     return per_layer * args.num_hidden_layers * dtype.itemsize
 
 
-def ensure_packed(path: Path, dtype, offload_dir: Optional[Path]) -> Path:
+def ensure_packed(path: Path, dtype, offload_dir: Optional[Path], quant=None) -> Path:
     """A packed checkpoint of ``path`` whose stored dtype is ``dtype`` (None: the checkpoint's),
     converting an HF folder on first use (with a progress bar) into ``offload_dir`` or a user cache.
+    ``quant``: ``(experts scheme, dense scheme)`` (``kernels.quant.QuantScheme`` or None each) to
+    quantize into the packed copy; a packed folder must already hold that quantization.
 
     The conversion is atomic (a kill leaves no folder that loads, and the next one cleans up)
     and locked, so processes starting at once on the same ``offload_dir`` convert it once."""
@@ -124,6 +128,12 @@ def ensure_packed(path: Path, dtype, offload_dir: Optional[Path]) -> Path:
                     f"{path}: packed in {ckpt.dtype}; offloaded experts run in their stored dtype, so convert "
                     f"the original checkpoint with --dtype {str(dtype).removeprefix('torch.')}"
                 )
+            if quant is not None and any(quant):
+                from ..weights.packed_quant import index_quant
+
+                if ckpt.quant != index_quant(*quant):
+                    raise MoetierError(f"{path}: packed with quantization {ckpt.quant}, not {index_quant(*quant)}; "
+                                       f"load it without a quantization, or convert the original with --quant")
         return path
     from ..weights.loader import checkpoint_dtype, read_config
     from ..weights.safetensors import SafetensorsReader
@@ -132,12 +142,20 @@ def ensure_packed(path: Path, dtype, offload_dir: Optional[Path]) -> Path:
         with SafetensorsReader(path) as reader:
             dtype = checkpoint_dtype(read_config(path), reader)
     out = packed_cache_dir(path, dtype, offload_dir)
+    q_experts, q_dense = quant if quant is not None else (None, None)
+    if q_experts is not None or q_dense is not None:  # its own copy, named by the scheme
+        tag = "-".join(f"{what}{s.kind}" + (f"g{s.group_size}" if s.group_size else "")
+                       for what, s in (("", q_experts), ("dense", q_dense)) if s is not None)
+        out = out.with_name(f"{out.name}-{tag}")
     if not is_packed(out):
         # processes sharing offload_dir take turns; whoever comes second finds the folder done
         with FileLock(out.parent / f".{out.name}.lock"):
             if not is_packed(out):
                 log.warning("converting %s to the packed format in %s (once)", path, out)
-                convert(path, out, dtype=dtype, force=True)
+                convert(path, out, dtype=dtype, force=True,
+                        quant=q_experts.kind if q_experts is not None else None,
+                        group_size=q_experts.group_size if q_experts is not None else None,
+                        quant_dense=q_dense.kind if q_dense is not None else None)
     return out
 
 

@@ -50,8 +50,13 @@ class PackedSource:
         self._lock = threading.Lock()
         r = packed.expert_region(layers[0], 0)
         gu, dn = r.parts
-        self.layout = ExpertLayout(gate_up=tuple(gu.shape), down=tuple(dn.shape), dtype=r.dtype,
-                                   down_offset=dn.offset)
+        if gu.quant is not None:  # codes and scales: the store moves the bytes, the views are QuantWeights
+            from ..kernels.region import QuantExpertLayout
+
+            self.layout = QuantExpertLayout(gu.quant, dn.quant)
+        else:
+            self.layout = ExpertLayout(gate_up=tuple(gu.shape), down=tuple(dn.shape), dtype=r.dtype,
+                                       down_offset=dn.offset)
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> None:
         key = (self.layers[layer], expert)

@@ -169,18 +169,55 @@ class Experts(ExpertsBase):
         self.inter = inter
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
-        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see prepack()
+        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see prepack() and quantize()
+        self.quant_layout = None  # kernels.region.QuantExpertLayout of quantized experts
 
     def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.packed is not None:
             return self.packed[e]
         return self.gate_up_proj[e], self.down_proj[e]
 
+    def quantize(self, scheme) -> int:
+        """Quantize every expert by ``scheme`` (``kernels.quant.QuantScheme``, scales in the weights'
+        dtype) into one region per expert laid out as in the packed file and the store's slots
+        (``kernels/region.py``), so resident and offloaded quantized experts are bit-identical.
+        The stacked parameters keep only their shapes. Returns matrices quantized."""
+        from ..kernels.quant import quantize
+        from ..kernels.region import QuantExpertLayout
+
+        E, dtype = self.num_experts, self.gate_up_proj.dtype
+        layout = QuantExpertLayout.of(scheme, tuple(self.gate_up_proj.shape[1:]), tuple(self.down_proj.shape[1:]),
+                                      dtype)
+        regions = self.empty_regions(layout)
+        for e in range(E):
+            layout.write(regions[e], quantize(self.gate_up_proj[e].data, scheme, what="the experts' gate_up"),
+                         quantize(self.down_proj[e].data, scheme, what="the experts' down"))
+        self.install_regions(layout, regions)
+        return 2 * E
+
+    def empty_regions(self, layout) -> torch.Tensor:
+        """``[E, slot_bytes]`` uint8, page-aligned (as the expert store's slots), for quantized regions."""
+        from ..weights.direct_io import aligned_buffer
+
+        return aligned_buffer(self.num_experts * layout.slot_bytes).view(self.num_experts, layout.slot_bytes)
+
+    def install_regions(self, layout, regions: torch.Tensor) -> None:
+        """Serve the experts from quantized ``regions`` (:meth:`empty_regions`, filled)."""
+        from .prepack import keep_shape_only
+
+        self.register_buffer("regions", regions, persistent=False)
+        self.quant_layout = layout
+        self.packed = [layout.views(regions[e]) for e in range(self.num_experts)]
+        keep_shape_only(self, "gate_up_proj")
+        keep_shape_only(self, "down_proj")
+
     def prepack(self) -> int:
         """Move every expert's weights into oneDNN's layout (``models/prepack.py``: same results,
         faster on the CPU); the stacked parameters keep only their shapes. Returns matrices packed."""
         from .prepack import keep_shape_only, pack_weight
 
+        if self.packed is not None:  # already packed or quantized
+            return 0
         self.packed = [(pack_weight(gu), pack_weight(dn)) for gu, dn in zip(self.gate_up_proj, self.down_proj)]
         keep_shape_only(self, "gate_up_proj")
         keep_shape_only(self, "down_proj")

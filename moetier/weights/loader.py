@@ -96,15 +96,17 @@ def load_model(
     with torch.device("meta"):
         model = family.build(args)
     expected = {n: p for n, p in model.named_parameters() if experts or not is_expert_param(n)}
+    quant: dict = {}  # quantized weights of a packed folder (packed_quant.load_quant_jobs)
     if is_packed(folder):
         with PackedCheckpoint(folder) as ckpt:
             dtype = parse_dtype(dtype) or ckpt.dtype
-            state = ckpt.load_state(family.weights, expected, device, dtype, verify=checks_on_load(verify))
+            state = ckpt.load_state(family.weights, expected, device, dtype, verify=checks_on_load(verify),
+                                    quant=quant)
     else:
         with SafetensorsReader(folder) as reader:
             dtype = parse_dtype(dtype) or checkpoint_dtype(raw, reader)
             state = _collect(reader, family, args, expected, device, dtype)
-    missing = [n for n in expected if n not in state]
+    missing = [n for n in expected if n not in state and n not in quant and n.rsplit(".", 1)[0] not in quant]
     if args.tie_word_embeddings and "lm_head.weight" in missing:
         missing.remove("lm_head.weight")
     if missing:
@@ -113,8 +115,24 @@ def load_model(
         )
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    if quant:
+        _install_quant(model, quant)
     model.eval()
     return model, args, raw
+
+
+def _install_quant(model, quant: dict) -> None:
+    """Hand a packed folder's quantized weights to their modules (models/quantize.py, models/moe.py)."""
+    from ..models.quantize import quantize_dense
+
+    dense = {}
+    for name, q in quant.items():
+        if isinstance(q, tuple):  # a layer's experts: (layout, regions)
+            model.get_submodule(name).install_regions(*q)
+        else:
+            dense[name] = q
+    if dense:
+        quantize_dense(model, None, install=dense)
 
 
 def is_expert_param(name: str) -> bool:

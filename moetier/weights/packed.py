@@ -52,6 +52,8 @@ from ..errors import CheckpointError
 from .checksum import crc32, mismatch
 from .direct_io import ALIGN, FileReader, aligned_buffer, round_up
 from .storage import weight_storage
+from .packed_quant import QUANT_VERSION, load_quant_jobs, parse_spec, quant_layout
+from ..kernels.quant import QuantSpec
 from .packed_load import DEFAULT_CHUNK, DEFAULT_THREADS, Job, Pipeline, Segment
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class Part:
     offset: int
     shape: tuple[int, ...]
     nbytes: int
+    quant: Optional["QuantSpec"] = None  # a quantized weight: codes then scales (packed_quant.py)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ class PackedCheckpoint:
         raw = self._read_index()
         self.dtype: torch.dtype = DTYPES[raw["dtype"]]
         self.model_type: Optional[str] = raw.get("model_type")
+        self.quant: Optional[dict] = raw.get("quant")  # {"experts": {kind, group_size} | None, "dense": ...}
         self.file_sizes: dict[str, int] = {}
         for i, f in enumerate(raw["files"]):
             fe = _Fields(self.index_path, f, f"files[{i}]")
@@ -192,9 +196,10 @@ class PackedCheckpoint:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             found = raw.get("format") if isinstance(raw, dict) else None
             raise self._malformed(f"not a {FORMAT} index (format={found!r})")
-        if raw.get("version") != VERSION:
+        if raw.get("version") not in (VERSION, QUANT_VERSION):
             raise CheckpointError(
-                f"{path}: format version {raw.get('version')!r} is not supported by this moetier (it reads {VERSION}); "
+                f"{path}: format version {raw.get('version')!r} is not supported by this moetier (it reads "
+                f"{VERSION} and {QUANT_VERSION}); "
                 f"convert the model again"
             )
         if raw.get("alignment") != ALIGN:
@@ -219,9 +224,17 @@ class PackedCheckpoint:
         name = f.get("name", str)
         path, offset, nbytes, crc = self._place(f, name)
         dtype, shape = f.dtype(), f.shape()
-        if nbytes != _nbytes(shape, dtype):
-            raise self._malformed(f"tensor {name!r} has nbytes={nbytes} but shape {list(shape)} of {dtype_name(dtype)}")
-        return Region(name, path, offset, nbytes, dtype, crc, (Part(name, 0, shape, nbytes),))
+        spec = self._quant(f.entry, shape, f"tensor {name!r}")
+        want = spec.nbytes(ALIGN) if spec is not None else _nbytes(shape, dtype)
+        if nbytes != want:
+            raise self._malformed(f"tensor {name!r} has nbytes={nbytes} but shape {list(shape)} of {dtype_name(dtype)}"
+                                  + (f" quantized as {spec.kind}" if spec is not None else ""))
+        return Region(name, path, offset, nbytes, dtype, crc, (Part(name, 0, shape, nbytes, spec),))
+
+    def _quant(self, entry: dict, shape: tuple, what: str) -> Optional[QuantSpec]:
+        if "quant" not in entry:
+            return None
+        return parse_spec(entry["quant"], shape, f"{self.index_path}: {what}")
 
     def _expert(self, f: _Fields) -> Region:
         name = f.get("name", str)
@@ -232,8 +245,10 @@ class PackedCheckpoint:
         for j, p in enumerate(parts_raw):
             pf = _Fields(self.index_path, p, f"{f.where}.parts[{j}]")
             shape = pf.shape()
-            part = Part(pf.get("name", str), pf.get("offset", int), shape, _nbytes(shape, dtype))
-            if part.offset < end or part.offset % dtype.itemsize:
+            spec = self._quant(p, shape, f"tensor {name!r} part {j}")
+            part = Part(pf.get("name", str), pf.get("offset", int), shape,
+                        spec.nbytes(ALIGN) if spec is not None else _nbytes(shape, dtype), spec)
+            if part.offset < end or part.offset % (ALIGN if spec is not None else dtype.itemsize):
                 raise self._malformed(f"tensor {name!r} part {part.name!r} overlaps or is misaligned")
             end = part.offset + part.nbytes
             parts.append(part)
@@ -241,6 +256,9 @@ class PackedCheckpoint:
             raise self._malformed(f"tensor {name!r} has {len(parts)} parts, expected 2 (gate_up, down)")
         if end != nbytes:
             raise self._malformed(f"tensor {name!r} has nbytes={nbytes} but its parts span {end}")
+        if (parts[0].quant is None) != (parts[1].quant is None) or (
+                parts[0].quant is not None and (parts[0].offset, parts[1].offset) != (0, quant_layout(parts).down_offset)):
+            raise self._malformed(f"tensor {name!r}: quantized parts not laid out as one quantized expert region")
         return Region(name, path, offset, nbytes, dtype, crc, tuple(parts), layer, expert)
 
     def regions(self) -> list[Region]:
@@ -354,14 +372,18 @@ class PackedCheckpoint:
 
     def load_state(self, weights, expected: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
                    verify: bool = False, threads: int = DEFAULT_THREADS,
-                   chunk_bytes: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
+                   chunk_bytes: int = DEFAULT_CHUNK, quant: Optional[dict] = None) -> dict[str, torch.Tensor]:
         """Allocate every parameter in ``expected`` that the folder holds on ``device`` and fill it.
 
         ``weights`` is the family's WeightMap (which names stay float32); ``expected`` maps
         parameter names to the (meta) parameters of the model, whose shapes are checked.
+        Quantized regions go to ``quant`` instead (an error if it is None): a dense weight as
+        ``{name: QuantWeight}``, a layer's experts as ``{experts prefix: (QuantExpertLayout,
+        regions [E, slot_bytes] uint8)}`` (``models.moe.Experts.install_regions``).
         """
         state: dict[str, torch.Tensor] = {}
         jobs: list[Job] = []
+        quant_jobs = load_quant_jobs(self, expected, device, quant)
 
         def target(name: str, shape: tuple) -> torch.Tensor:
             if name not in state:
@@ -371,6 +393,8 @@ class PackedCheckpoint:
             return state[name]
 
         for r in self.tensors.values():
+            if r.parts[0].quant is not None:
+                continue  # load_quant_jobs
             if r.name not in expected:
                 log.debug("ignoring packed tensor %s", r.name)
                 continue
@@ -379,6 +403,8 @@ class PackedCheckpoint:
             jobs.append(Job(r, [Segment(0, r.nbytes, target(r.name, shape).view(-1), r.dtype)]))
         filled: dict[str, set[int]] = {}
         for (layer, e), r in sorted(self.experts.items()):
+            if r.parts[0].quant is not None:
+                continue
             segs = []
             for p in r.parts:
                 if p.name not in expected:
@@ -397,6 +423,7 @@ class PackedCheckpoint:
             if lacking:
                 raise CheckpointError(
                     f"{self.index_path}: lacks expert {lacking[0]} of {name} ({len(lacking)} missing)")
+        jobs += quant_jobs
         jobs.sort(key=lambda j: (j.region.path.name, j.region.offset))
         Pipeline(self.reader, device, threads=threads, chunk_bytes=chunk_bytes, verify=verify).run(jobs)
         return state

@@ -30,6 +30,9 @@ from ..models.weights_map import ExpertPiece, layer_index
 from ..units import parse_size
 from .loader import _check_shape, checkpoint_dtype, is_expert_param, load_args, mapped_names, parse_dtype
 from .atomic import new_folder
+from .packed_quant import QUANT_VERSION, check_schemes, index_quant, write_quant_dense, write_quant_expert
+from ..kernels.quant import parse_scheme
+from ..models.quantize import dense_targets
 from .packed import ALIGN, FORMAT, INDEX_NAME, VERSION, _bar, dtype_name, is_packed
 from .direct_io import round_up
 from .safetensors import SafetensorsReader
@@ -180,13 +183,17 @@ class _Writer:
             self._fh = None
 
 
-def _write_dense(w: _Writer, reader: SafetensorsReader, name: str, hf_name: str, dtype: torch.dtype) -> dict:
+def _write_dense(w: _Writer, reader: SafetensorsReader, name: str, hf_name: str, dtype: torch.dtype,
+                 quant=None) -> dict:
     t = reader.read(hf_name).to(dtype)
+    if quant is not None:  # codes + scales (packed_quant.py)
+        return write_quant_dense(w, name, t, quant, dtype)
     region, _ = w.write([[t]])
     return {"name": name, **region, "dtype": dtype_name(dtype), "shape": list(t.shape)}
 
 
-def _write_expert(w: _Writer, reader: SafetensorsReader, lay: _ExpertLayer, e: int, dtype: torch.dtype) -> dict:
+def _write_expert(w: _Writer, reader: SafetensorsReader, lay: _ExpertLayer, e: int, dtype: torch.dtype,
+                  quant=None) -> dict:
     """One (layer, expert) region: gate rows and up rows (together ``[2I, H]``), then, from the
     next aligned offset, down ``[H, I]``, so each part can also be read on its own with O_DIRECT."""
     groups = []
@@ -196,6 +203,8 @@ def _write_expert(w: _Writer, reader: SafetensorsReader, lay: _ExpertLayer, e: i
             groups.append([reader.read(names[0], e).to(dtype)])
         else:
             groups.append([reader.read(n).to(dtype) for n in names])
+    if quant is not None:  # codes + scales of each weight (packed_quant.py)
+        return write_quant_expert(w, lay, e, torch.cat(groups[0]), groups[1][0], quant, dtype)
     region, (gu_offset, down_offset) = w.write(groups)
     return {
         "name": f"{lay.prefix}[{e}]", "layer": lay.layer, "expert": e, **region, "dtype": dtype_name(dtype),
@@ -205,14 +214,20 @@ def _write_expert(w: _Writer, reader: SafetensorsReader, lay: _ExpertLayer, e: i
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None,
-            max_file_size: int | str = DEFAULT_MAX_FILE_SIZE, force: bool = False, progress: bool = True) -> Path:
+            max_file_size: int | str = DEFAULT_MAX_FILE_SIZE, force: bool = False, progress: bool = True,
+            quant: Optional[str] = None, group_size: Optional[int] = None, quant_dense: Optional[str] = None) -> Path:
     """Write the checkpoint folder ``src`` to ``dst`` in the packed format; returns ``dst``.
+
+    ``quant``: ``"int8"`` or ``"int4"`` routed experts (``group_size`` inputs per scale; int8
+    default per-channel, int4 32), ``quant_dense``: ``"int8"`` (per-channel) attention, LM head
+    and dense MLPs, or ``"none"``; scales in the stored dtype (kernels/quant.py, packed_quant.py).
 
     ``dtype``: stored dtype (default: the checkpoint's own, so outputs are bit-identical; router
     weights a family keeps in float32 stay float32). ``max_file_size``: bytes per weight file
     (a region larger than that gets a file of its own). ``force``: replace a non-empty ``dst``.
     """
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    expert_scheme, dense_scheme = parse_scheme(quant, group_size), parse_scheme(quant_dense)
     max_file_size = parse_size(max_file_size)
     if max_file_size < ALIGN:
         raise ValueError(f"max_file_size must be at least {ALIGN} bytes, got {max_file_size}")
@@ -230,8 +245,11 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
         source_dtype = checkpoint_dtype(raw, reader)
         target = parse_dtype(dtype) or source_dtype
         with torch.device("meta"):
-            expected = dict(family.build(args).named_parameters())
+            meta_model = family.build(args)
+            expected = dict(meta_model.named_parameters())
         dense, layers = _plan(reader, family, args, expected)
+        dense_q = set(dense_targets(meta_model)) & set(dense) if dense_scheme is not None else set()
+        check_schemes(expert_scheme, dense_scheme, layers, {n: tuple(expected[n].shape) for n in dense_q})
         dense_dtype = {n: torch.float32 if family.weights.keeps_fp32(n) else target for n in dense}
         total = sum(expected[n].numel() * dense_dtype[n].itemsize for n in dense)
         total += sum(expected[f"{lay.prefix}.{k}"].numel() * target.itemsize
@@ -243,16 +261,19 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
             with new_folder(dst, need) as tmp:
                 writer = _Writer(tmp, max_file_size, bar)
                 try:
-                    tensors = [_write_dense(writer, reader, n, h, dense_dtype[n]) for n, h in dense.items()]
-                    experts = [_write_expert(writer, reader, lay, e, target)
+                    tensors = [_write_dense(writer, reader, n, h, dense_dtype[n], dense_scheme if n in dense_q else None)
+                               for n, h in dense.items()]
+                    experts = [_write_expert(writer, reader, lay, e, target, expert_scheme)
                                for lay in layers for e in range(lay.num_experts)]
                 finally:
                     writer.close()
                 _copy_aside(src, tmp, raw, target, source_dtype)
-                index = {"format": FORMAT, "version": VERSION, "alignment": ALIGN, "checksum": "crc32",
+                quant_info = index_quant(expert_scheme, dense_scheme)
+                index = {"format": FORMAT, "version": VERSION if quant_info is None else QUANT_VERSION,
+                         "alignment": ALIGN, "checksum": "crc32",
                          "dtype": dtype_name(target), "model_type": raw.get("model_type"),
                          "created_by": f"moetier {__version__}", "files": writer.files,
-                         "tensors": tensors, "experts": experts}
+                         "tensors": tensors, "experts": experts, **({"quant": quant_info} if quant_info else {})}
                 _write_synced(tmp / INDEX_NAME, json.dumps(index, indent=1))
         finally:
             if bar is not None:
