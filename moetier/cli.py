@@ -38,6 +38,13 @@ def _add_model_args(p: argparse.ArgumentParser, many: bool = False, required: bo
                    help="packed folders: check each region's CRC-32 the first time it is read from disk "
                         "(first-read, the default), also every region before the model is ready and every "
                         "later expert read (full), or not at all (off)")
+    g.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="quantize the routed experts on load (offloaded: into the packed copy); a folder "
+                        "converted with --quant is already quantized and needs none")
+    g.add_argument("--quant-group-size", type=int, default=None, metavar="N",
+                   help="inputs per scale (int8: per-channel by default; int4: 32 (default), 64, 128 or 256)")
+    g.add_argument("--quant-dense", default=None, choices=["int8", "none"],
+                   help="also quantize attention, LM head and dense MLPs (int8 per-channel; default: none)")
     g = p.add_argument_group("memory (offloading)", "Give a budget to keep only the dense weights resident and "
                              "serve the routed experts from disk through a cache; output is unchanged.")
     g.add_argument("--device-memory", default=None, metavar="SIZE",
@@ -89,7 +96,8 @@ def _llm(args, **override):
     _set_threads(args)
     kw = dict(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
               device_memory=args.device_memory, host_memory=args.host_memory, offload_dir=args.offload_dir,
-              cache_policy=args.cache_policy, prefetch=args.prefetch, verify=args.verify)
+              cache_policy=args.cache_policy, prefetch=args.prefetch, verify=args.verify,
+              quantization=args.quantization, quant_group_size=args.quant_group_size, quant_dense=args.quant_dense)
     return LLM(**{**kw, **override})
 
 
@@ -202,8 +210,8 @@ def _eval_text(args) -> int:
             from .llm import LLM
 
             # the reference as it is: only the options that make its numbers comparable are passed on
-            base = LLM(args.kl_base, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                       device_memory=args.kl_base_memory)
+            base = LLM(args.kl_base, device=args.device, dtype=args.kl_base_dtype or args.dtype,
+                       max_model_len=args.max_model_len, device_memory=args.kl_base_memory)
         t0 = time.perf_counter()
         result = text_eval(llm, windows, base, use_tqdm=not args.quiet)
         report = {"model": args.model, "kl_base": args.kl_base, "text": text_path, **result,
@@ -270,7 +278,8 @@ def cmd_convert(args) -> int:
 
     t0 = time.perf_counter()
     out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, max_file_size=args.max_file_size,
-                  force=args.force, progress=not args.quiet)
+                  force=args.force, progress=not args.quiet, quant=args.quant, group_size=args.group_size,
+                  quant_dense=args.quant_dense)
     size = sum(f.stat().st_size for f in out.glob("weights-*.bin"))
     print(f"wrote {out} ({_size(size)}) in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -463,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
         "of --ctx tokens (the second half of each scored), as llama.cpp's perplexity --kl-divergence.")
     g.add_argument("--kl-base", default=None, metavar="FOLDER",
                    help="the reference model (e.g. the bf16 checkpoint a quantized --model came from), loaded "
-                        "with the same --device and --dtype (a model against itself gives KL 0)")
+                        "on the same --device, in --dtype unless --kl-base-dtype (a model against itself gives KL 0)")
+    g.add_argument("--kl-base-dtype", default=None, choices=["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"],
+                   help="the reference's dtype (default: --dtype; e.g. float32 to measure what bf16 costs)")
     g.add_argument("--kl-base-memory", default=None, metavar="SIZE",
                    help="offload the reference's experts within this budget (default: load it whole)")
     g.add_argument("--text", default=None, metavar="FILE",
@@ -499,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "The output is written to a hidden temporary folder and renamed at the end, so an\n"
                     "interrupted convert leaves nothing that looks complete.\n\n"
                     "  moetier convert HF_DIR OUT_DIR [--dtype bf16] [--max-file-size 2GiB]\n"
+                    "                 [--quant int8|int4 [--group-size N]] [--quant-dense int8|none]\n"
                     "  moetier convert --verify OUT_DIR   re-read every region and check its checksum\n"
                     "                                     (exit 1 and name the file and tensor if any is bad)")
     p.add_argument("hf_dir", metavar="HF_DIR", help="the source checkpoint folder (with --verify: the packed folder)")
@@ -510,6 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-file-size", default="2GiB",
                    help="largest weight file, e.g. 2GiB, 500MB (default: 2GiB); tensors are never split, "
                         "so one bigger than this gets a file of its own")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="quantize the routed experts: int8 (symmetric; per-channel unless --group-size) or int4 "
+                        "(asymmetric, groups of --group-size inputs); routers, norms, embeddings stay 16-bit")
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="inputs per scale for --quant (int4: 32 (default), 64, 128, 256; int8: a divisor of "
+                        "each input dimension, e.g. 32 as GGUF Q8_0)")
+    p.add_argument("--quant-dense", default=None, choices=["int8", "none"],
+                   help="attention, LM head and dense MLPs: int8 per-channel, or none (the default)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.add_argument("--verify", action="store_true", help="check the packed folder HF_DIR instead of converting")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

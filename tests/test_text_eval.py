@@ -109,6 +109,9 @@ def test_cli_reports_json_and_rejects_bad_input(base, perturbed, text_file, caps
     report = json.loads(capsys.readouterr().out)
     assert report["kl_divergence"]["mean"] > 0 and 0 <= report["top1_agreement"] <= 1
     assert report["ctx"] == CTX and report["windows"] == len(TEXT) // (CTX - 1)
+    assert main(["eval", "--model", str(base), "--kl-base", str(base), "--kl-base-dtype", "bfloat16", "--dtype",
+                 "float32", "--text", str(text_file), "--ctx", str(CTX), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["kl_divergence"]["mean"] > 0  # what bf16 costs against float32
     assert main(["eval", "--model", str(base), "--text", str(text_file), "--ctx", "16", "--quiet"]) == 0
     alone = json.loads(capsys.readouterr().out)
     assert "kl_divergence" not in alone and alone["perplexity"] > 1
