@@ -17,6 +17,12 @@ and warm, how long each way takes until every weight is usable on --device:
 - ``expert_read``: ``PackedCheckpoint.read_into(layer, expert, slot)`` of random experts, one
   aligned read each, as the expert store does it.
 
+``--checksums`` measures instead what checking each region's CRC-32 on its first read costs
+(``verify="first-read"`` against ``"off"``, alternating, cold, medians): one expert read alone
+(the read, then the check, in one thread), the store's way (4 loader threads, each checking what
+it read while the others read), decoding 8 tokens with offloaded experts (a fresh LLM per run:
+every expert read a first read) and the resident load of the whole folder.
+
 Cold means ``sync; echo 3 > /proc/sys/vm/drop_caches`` when the script may (root), else
 ``posix_fadvise(DONTNEED)`` on each file (drops its clean pages, no root needed); the JSON says
 which. Prints one JSON object per (method, cache state) and a summary with GB/s and ratios.
@@ -42,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from common import emit, raw_read, synthetic_checkpoint  # noqa: E402
+from common import drop_file_cache, emit, raw_read, synthetic_checkpoint  # noqa: E402
 
 from moetier.weights.direct_io import aligned_buffer  # noqa: E402
 from moetier.weights.loader import load_model  # noqa: E402
@@ -62,7 +68,7 @@ def model_config(size_gib: float, hidden: int, inter: int, experts: int, vocab: 
                 max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def prepare(root: Path, cfg: dict) -> dict[str, list[Path]]:
+def prepare(root: Path, cfg: dict, torch_save: bool = True) -> dict[str, list[Path]]:
     hf = synthetic_checkpoint(root / "hf", "mixtral", cfg, dtype=torch.bfloat16)
     packed = root / "packed"
     if not (packed / "moetier-index.json").exists():
@@ -72,7 +78,7 @@ def prepare(root: Path, cfg: dict) -> dict[str, list[Path]]:
         size = sum(f.stat().st_size for f in packed.glob("weights-*.bin"))
         emit({"what": "convert", "seconds": round(dt, 2), "gbps": round(size / dt / GB, 3)})
     pt = root / "model.pt"
-    if not pt.exists():
+    if torch_save and not pt.exists():
         from safetensors.torch import load_file
 
         sd = {}
@@ -81,7 +87,8 @@ def prepare(root: Path, cfg: dict) -> dict[str, list[Path]]:
         torch.save(sd, root / "model.pt.tmp")
         (root / "model.pt.tmp").rename(pt)
         del sd
-    return {"hf": sorted(hf.glob("*.safetensors")), "packed": sorted(packed.glob("weights-*.bin")), "pt": [pt],
+    return {"hf": sorted(hf.glob("*.safetensors")), "packed": sorted(packed.glob("weights-*.bin")),
+            "pt": [pt] if pt.exists() else [],
             "hf_dir": hf, "packed_dir": packed}
 
 
@@ -157,6 +164,105 @@ def run_torch_load(paths, device):
     return out
 
 
+def checksum_cost(paths, experts_read: int, repeats: int) -> None:
+    """CRC-32 on first read vs none: single expert reads, 4 loader threads, the resident load (cold:
+    the packed files' pages dropped before each read, the rest of the page cache left alone)."""
+    import threading
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moetier.experts.sources import PackedSource
+    from moetier.weights import checksum
+
+    files = paths["packed"]
+    os.sync()  # once: the files' pages are clean from then on, so dropping them is enough for a cold read
+    ratio = lambda on, off: round(statistics.median(on) / statistics.median(off) - 1, 4)  # noqa: E731
+    with PackedCheckpoint(paths["packed_dir"]) as ck:
+        keys = sorted(ck.experts)
+        layers = sorted({k[0] for k in keys})
+        per = ck.experts[keys[0]].nbytes
+        slot = aligned_buffer(ck.experts[keys[0]].read_nbytes)
+        g = torch.Generator().manual_seed(0)
+        pick = [keys[i] for i in torch.randperm(len(keys), generator=g)[:experts_read].tolist()]
+        times: dict[str, list[float]] = {"off": [], "first-read": []}
+        crc_s = []
+        for i, (layer, e) in enumerate(pick):  # alternate which goes first
+            for mode in (("off", "first-read") if i % 2 == 0 else ("first-read", "off")):
+                drop_file_cache(files, sync=False)
+                t = time.perf_counter()
+                ck.read_into(layer, e, slot, verify=mode != "off")
+                times[mode].append(time.perf_counter() - t)
+            view = memoryview(slot.numpy())[:per]
+            t = time.perf_counter()
+            checksum.crc32(view)
+            crc_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        zlib.crc32(view)
+        zlib_s = time.perf_counter() - t
+        emit({"what": "checksum_expert_read", "experts": len(pick), "expert_mib": round(per / 2**20, 2),
+              "crc": checksum._crc32.__module__, "read_ms": round(statistics.median(times["off"]) * 1e3, 2),
+              "read_checked_ms": round(statistics.median(times["first-read"]) * 1e3, 2),
+              "crc_ms": round(statistics.median(crc_s) * 1e3, 2), "crc_gbps": round(per / statistics.median(crc_s) / GB, 2),
+              "zlib_crc_gbps": round(per / zlib_s / GB, 2), "overhead": ratio(times["first-read"], times["off"])})
+
+        # the store's way: 4 loader threads, each reads an expert and checks it (a fresh source: all first reads)
+        batch = [keys[i] for i in torch.randperm(len(keys), generator=g)[: max(8, min(len(keys), 64))].tolist()]
+        local = threading.local()
+
+        def read(src, key) -> None:
+            if not hasattr(local, "buf"):  # one slot per loader thread, as the store's staging buffers
+                local.buf = aligned_buffer(slot.numel())
+            src.read_into(layers.index(key[0]), key[1], local.buf)
+
+        wall: dict[str, list[float]] = {"off": [], "first-read": []}
+        for rep in range(repeats):
+            for mode in (("off", "first-read") if rep % 2 == 0 else ("first-read", "off")):
+                src = PackedSource(ck, layers, verify=mode)
+                drop_file_cache(files, sync=False)
+                with ThreadPoolExecutor(4) as pool:
+                    t = time.perf_counter()
+                    list(pool.map(lambda key: read(src, key), batch))
+                    wall[mode].append(time.perf_counter() - t)
+        emit({"what": "checksum_store_reads", "threads": 4, "experts": len(batch),
+              "gbps_off": round(len(batch) * per / statistics.median(wall["off"]) / GB, 3),
+              "gbps_checked": round(len(batch) * per / statistics.median(wall["first-read"]) / GB, 3),
+              "all_s": {k: [round(x, 3) for x in v] for k, v in wall.items()},
+              "overhead": ratio(wall["first-read"], wall["off"])})
+
+    # decoding with offloaded experts: a fresh LLM each run, so every expert read is a first read
+    from moetier import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    decode: dict[str, list[float]] = {"off": [], "first-read": []}
+    for rep in range(repeats):
+        for mode in (("off", "first-read") if rep % 2 == 0 else ("first-read", "off")):
+            with LLM(paths["packed_dir"], expert_slots=4 * len(set(e for _, e in keys)), verify=mode) as llm:
+                drop_file_cache(files, sync=False)
+                t = time.perf_counter()
+                llm.generate([{"prompt_token_ids": list(range(1, 17))}], params, use_tqdm=False)
+                decode[mode].append((time.perf_counter() - t) / params.max_tokens)
+                read = llm.stats()["bytes_disk_to_host"]
+    emit({"what": "checksum_decode", "slots": 4 * len(set(e for _, e in keys)), "tokens": params.max_tokens,
+          "ms_per_token_off": round(statistics.median(decode["off"]) * 1e3, 1),
+          "ms_per_token_checked": round(statistics.median(decode["first-read"]) * 1e3, 1),
+          "read_mib_per_run": round(read / 2**20), "overhead": ratio(decode["first-read"], decode["off"])})
+
+    # the resident load of the whole folder: every region checked while the pipeline reads it
+    load: dict[str, list[float]] = {"off": [], "first-read": []}
+    for rep in range(repeats):
+        for mode in (("off", "first-read") if rep % 2 == 0 else ("first-read", "off")):
+            drop_file_cache(files, sync=False)
+            gc.collect()
+            t = time.perf_counter()
+            model, _, _ = load_model(paths["packed_dir"], verify=mode)
+            load[mode].append(time.perf_counter() - t)
+            del model
+    emit({"what": "checksum_resident_load", "seconds_off": round(statistics.median(load["off"]), 3),
+          "seconds_checked": round(statistics.median(load["first-read"]), 3),
+          "all_s": {k: [round(x, 3) for x in v] for k, v in load.items()},
+          "overhead": ratio(load["first-read"], load["off"]), "target": "< 0.05"})
+
+
 METHODS = {"packed": (run_packed, "packed"), "hf_folder": (run_hf_folder, "hf"),
            "safetensors": (run_safetensors, "hf"), "safetensors_copy": (run_safetensors_copy, "hf"),
            "torch_load_mmap": (run_torch_load, "pt")}
@@ -181,6 +287,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--experts-read", type=int, default=16, help="random single-expert reads to time")
+    ap.add_argument("--checksums", action="store_true",
+                    help="only measure the cost of checking CRC-32s on first read (verify first-read vs off)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -189,7 +297,7 @@ def main() -> None:
     cfg = model_config(args.size_gib, args.hidden, args.intermediate, args.experts, args.vocab)
     root = Path(args.dir) / f"mixtral-{args.size_gib:g}gib-h{args.hidden}-i{args.intermediate}-e{args.experts}"
     root.mkdir(parents=True, exist_ok=True)
-    paths = prepare(root, cfg)
+    paths = prepare(root, cfg, torch_save=not args.checksums)
     with PackedCheckpoint(paths["packed_dir"]) as ck:
         r = ck.regions()[0]
         direct = ck.reader.uses_direct(r.path, r.what)
@@ -201,6 +309,9 @@ def main() -> None:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     emit({"what": "setup", **env})
+    if args.checksums:
+        checksum_cost(paths, args.experts_read, args.repeats)
+        return
 
     results: dict[tuple[str, str], float] = {}
     cold_how = None

@@ -322,7 +322,10 @@ class PackedCheckpoint:
         """Fill ``out`` (uint8, CPU, e.g. a pinned staging slot) with the expert's region bytes.
 
         One read: O_DIRECT when ``out`` is 4 KiB-aligned and holds ``read_nbytes`` (else as much
-        of it as is aligned), from the page cache when the bytes are there.
+        of it as is aligned), from the page cache when the bytes are there. With ``verify``, the
+        region's CRC-32 is checked right after, in the calling (loader) thread; a mismatch is a
+        CheckpointError naming the file, layer and expert. (Reading in pieces to check one while
+        the next is read was slower: a single large O_DIRECT read keeps more requests in flight.)
         """
         r = self.expert_region(layer, expert)
         if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < r.nbytes:
