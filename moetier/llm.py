@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import uuid
 from pathlib import Path
 from typing import Iterator, Optional, Sequence as Seq, Union
@@ -348,13 +349,13 @@ class LLM:
         store = e.offload.store if e.offload is not None else None
         if self._planner_inputs is None:
             inputs = {"row_s": measure_row_cost(self.tokenizer, self.args.vocab_size), "read_bps": None,
-                      "overlap": 1.0 if e.device.type == "cuda" else 0.0}
+                      "overlap": 1.0 if e.device.type == "cuda" else 0.0, "transfer": None}
             if store is not None:
                 layers, experts = e.offload.tracer.shape
-                read_bps, overlap = measure_transfer(store.source, layers, experts, e.dtype)
-                inputs["read_bps"] = read_bps
+                transfer = measure_transfer(store.source, layers, experts, e.dtype)
+                inputs["read_bps"], inputs["transfer"] = transfer.read_bps, transfer
                 if e.device.type != "cuda":  # on a GPU the copy engine overlaps; on the CPU it is measured
-                    inputs["overlap"] = overlap
+                    inputs["overlap"] = transfer.overlap
             self._planner_inputs = inputs
         cost = ModelCost.of(self.model, store.layout if store is not None else None)
         cost.row_s = self._planner_inputs["row_s"]
@@ -368,7 +369,8 @@ class LLM:
                       read_bps=self._planner_inputs["read_bps"])
         return Planner(cost, self.machine_profile, budget=budget,
                        kv_budget=None if budget is not None else default_kv_budget(e.device),
-                       overlap=self._planner_inputs["overlap"], **kw)
+                       overlap=self._planner_inputs["overlap"], transfer=self._planner_inputs["transfer"],
+                       load=_machine_load() if e.device.type == "cpu" else None, **kw)
 
     def _plan_for(self, seqs, planner=None):
         from .runtime.planner import Job
@@ -376,7 +378,8 @@ class LLM:
         planner = planner or self._planner()
         limit = self.engine.max_model_len
         job = Job([len(s.prompt_ids) for s in seqs],
-                  [min(s.params.max_tokens or limit, limit - len(s.prompt_ids)) for s in seqs], limit)
+                  [min(s.params.max_tokens or limit, limit - len(s.prompt_ids)) for s in seqs], limit,
+                  stops_early=any(not s.params.ignore_eos or s.params.stop or s.params.stop_token_ids for s in seqs))
         return planner.plan(job)
 
     def _run_throughput(self, encoded, params_list, use_tqdm: bool, plan=None) -> Iterator[tuple[int, RequestOutput]]:
@@ -406,6 +409,10 @@ class LLM:
         finally:
             passes.close()  # an early exit stops the run and restores the expert store
             if bar is not None:
+                ran = runner.report.predicted_tok_s_for_passes_run
+                if ran:  # the cost model on the passes as they ran: sequences that stopped early included
+                    bar.set_postfix_str(f"{runner.report.tok_s:.1f} tok/s (predicted {ran:.1f} for these passes, "
+                                        f"{plan.predicted_tok_s:.1f} planned)", refresh=False)
                 bar.close()
             self.last_run = {"plan": {k: v for k, v in plan.as_dict().items() if k in (
                 "max_seqs", "prefill_tokens", "kv_budget", "expert_slots", "predicted_tok_s", "predicted_s",
@@ -417,6 +424,14 @@ def _prompt_logprobs(seqs) -> Optional[list]:
     """The request's prompt_logprobs list (filled in place as its prompt runs), or None if not asked."""
     sink = seqs[0].prompt_sink
     return sink.entries if sink is not None else None
+
+
+def _machine_load() -> Optional[tuple[float, int]]:
+    """(1-minute load average, CPUs): the planner's check for other work on the cores."""
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except (OSError, AttributeError):
+        return None
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:

@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-PROFILE_VERSION = 3  # 2: attention of decoding sequences batched into one call; 3: the wide-matmul path
+# 2: attention of decoding sequences batched into one call; 3: the wide-matmul path; 4: fixed costs of the
+# model's own code paths (a matmul call, a routed expert, a MoE layer, a pooled decode attention, a layer)
+PROFILE_VERSION = 4
 
 
 @dataclass
@@ -32,13 +34,21 @@ class MachineProfile:
     stream_bps: float  # weight bytes/s a skinny matmul (a few rows) reads: the decode regime
     copy_bps: float  # bytes/s of a large memory copy, read + write counted
     attn_flops: float  # FLOP/s of a prefill-sized attention call
-    attn_call_s: float  # fixed cost of one sequence's attention in one layer (cache write + SDPA)
+    attn_call_s: float  # fixed cost of one prompt chunk's attention in one layer (cache write + masked SDPA)
     op_s: float  # fixed cost of one small torch op
     # bf16 on the CPU: calls of ``wide_rows`` rows or more upcast to float32 (models/prepack.py; 0: never),
     # multiplying at ``wide_flops`` after converting their weight at ``upcast_bps`` (bf16 bytes/s)
     wide_rows: int = 0
     wide_flops: float = 0.0
     upcast_bps: float = 0.0
+    # fixed costs (seconds) of moetier's own code, timed at sizes where the arithmetic is negligible: at a
+    # small model's sizes and decode batches they, not FLOPs or bytes, set the time of a pass
+    linear_call_s: float = 0.0  # one matmul call (models.prepack.linear)
+    expert_call_s: float = 0.0  # one routed expert that gets tokens, beyond its two matmul calls
+    moe_call_s: float = 0.0  # one MoE layer: router, sort and gather of the tokens, weighted sum
+    attn_group_s: float = 0.0  # one layer's attention of all decoding sequences on the KV pool
+    layer_s: float = 0.0  # one decoder layer's norms, rotary and residual adds
+    seq_s: float = 0.0  # one sequence's step bookkeeping (batch layout, positions, commit)
     threads: int = 1
     measured_at: float = 0.0
 
@@ -47,10 +57,14 @@ class MachineProfile:
         """Time the probes now on ``device`` (about half a second)."""
         d = torch.device(device)
         with torch.inference_mode():
+            linear_s = _linear_call_cost(dtype, d)
+            chunk_s, group_s, seq_s = _attn_call_costs(dtype, d)
             return cls(
                 matmul_flops=_matmul_rate(dtype, d), stream_bps=_stream_rate(dtype, d), copy_bps=_copy_rate(d),
-                attn_flops=_attn_rate(dtype, d), attn_call_s=_attn_call_cost(dtype, d), op_s=_op_cost(d),
-                **_wide_rates(dtype, d), threads=torch.get_num_threads(), measured_at=time.time(),
+                attn_flops=_attn_rate(dtype, d), attn_call_s=chunk_s, op_s=_op_cost(d),
+                **_wide_rates(dtype, d), linear_call_s=linear_s, **_moe_costs(dtype, d, linear_s),
+                attn_group_s=group_s, layer_s=_layer_cost(dtype, d), seq_s=seq_s,
+                threads=torch.get_num_threads(), measured_at=time.time(),
             )
 
     @classmethod
@@ -157,22 +171,104 @@ def _attn_rate(dtype, device=torch.device("cpu")) -> float:
     return 2 * 2 * 8 * 256 * 1024 * 64 / _timed(lambda: attend(q, k, k, 768, 0.125), 3, device)
 
 
-def _attn_call_cost(dtype, device=torch.device("cpu")) -> float:
-    """One decode token's attention for each of 32 short sequences, through the model's code path."""
+def _attn_call_costs(dtype, device=torch.device("cpu")) -> tuple[float, float, float]:
+    """Through the model's code path (``attend_batch``), as the throughput runner calls it: (one prompt
+    chunk's attention, per sequence: 8 sequences of 8 tokens; one layer's pooled attention of 32
+    decoding sequences; one sequence's share of building, committing and indexing a step's batch)."""
     from ..models.layers import attend_batch
     from .batch import ForwardBatch
-    from .kv_cache import SeqKV
+    from .kv_cache import KVPool, SeqKV
 
-    n = 32
-    caches = [SeqKV(1, 64, device, dtype) for _ in range(n)]
+    n, hq, hk, d = 32, 4, 2, 32
+    pool = KVPool(1, n, 64, device, dtype)
+    caches = [pool.take() for _ in range(n)]
+    part = torch.zeros(hk, 31, d, dtype=dtype, device=device)
     for c in caches:
-        part = torch.zeros(2, 31, 32, dtype=dtype, device=device)
         c.write(0, 0, part, part)
         c.length = 31
     batch = ForwardBatch.build(caches, [1] * n, device)
-    q = torch.full((n, 4, 32), 0.01, dtype=dtype, device=device)
-    kv = torch.full((n, 2, 32), 0.01, dtype=dtype, device=device)
-    return _timed(lambda: attend_batch(batch, 0, q, (kv, kv), 0.2), device=device) / n
+    q = torch.full((n, hq, d), 0.01, dtype=dtype, device=device)
+    kv = torch.full((n, hk, d), 0.01, dtype=dtype, device=device)
+    group = _timed(lambda: attend_batch(batch, 0, q, (kv, kv), 0.2), device=device)
+
+    def step() -> None:  # what forward_step does per sequence around the model (positions, commit)
+        b = ForwardBatch.build(caches, [1] * n, device)
+        b.decode_group()
+        b.last_token_indices()
+        b.commit()
+        for c in caches:
+            c.length = 31
+
+    per_seq = _timed(step, device=device) / n
+    m, c = 8, 8
+    chunks = [SeqKV(1, 64, device, dtype) for _ in range(m)]
+    pb = ForwardBatch.build(chunks, [c] * m, device)
+    qp = torch.full((m * c, hq, d), 0.01, dtype=dtype, device=device)
+    kvp = torch.full((m * c, hk, d), 0.01, dtype=dtype, device=device)
+    chunk = _timed(lambda: attend_batch(pb, 0, qp, (kvp, kvp), 0.2), device=device) / m
+    return chunk, group, per_seq
+
+
+def _linear_call_cost(dtype, device=torch.device("cpu")) -> float:
+    """One call of the model's matmul (``models.prepack.linear``, packed where the model packs) on a
+    weight so small that the call is all there is to it."""
+    from ..models import prepack
+
+    w = torch.full((64, 64), 0.01, dtype=dtype, device=device)
+    if device.type == "cpu" and prepack.supported(dtype):
+        w = prepack.pack_weight(w)
+    x = torch.full((1, 64), 0.01, dtype=dtype, device=device)
+    return _timed(lambda: [prepack.linear(x, w) for _ in range(50)], device=device) / 50
+
+
+def _moe_costs(dtype, device, linear_s: float) -> dict:
+    """A tiny MoE layer (8 experts of 64 x 64, 64 tokens, top-2) through the model's router and
+    ``Experts`` code: the cost of each expert that gets tokens (from 2 vs 8 experts used) and of the
+    layer around them, less the matmul calls (``linear_s`` each) that ``ModelCost`` counts apart."""
+    from ..models.moe import Experts, SoftmaxTopKRouter
+
+    E, H, T = 8, 64, 64
+    experts = Experts(E, H, H).to(device=device, dtype=dtype)
+    router = SoftmaxTopKRouter(H, E, 2, True).to(device=device, dtype=dtype)
+    for p in (*experts.parameters(), *router.parameters()):
+        p.data.fill_(0.01)
+    x = torch.full((T, H), 0.01, dtype=dtype, device=device)
+    w = torch.full((T, 2), 0.5, device=device)
+
+    def ids(used: int) -> torch.Tensor:  # [T, 2]: token t goes to experts t and t+1 (mod used)
+        a = torch.arange(T, device=device) % used
+        return torch.stack([a, (a + 1) % used], dim=1)
+
+    two, eight = ids(2), ids(8)
+    t2 = _timed(lambda: experts(x, two, w), device=device)
+    t8 = _timed(lambda: experts(x, eight, w), device=device)
+    t_router = _timed(lambda: router(x), device=device)
+    expert = max(0.0, (t8 - t2) / 6 - 2 * linear_s)
+    layer = max(0.0, t_router + t2 - 2 * expert - 5 * linear_s)
+    return {"expert_call_s": expert, "moe_call_s": layer}
+
+
+def _layer_cost(dtype, device=torch.device("cpu")) -> float:
+    """A decoder layer's work outside its matmuls, attention and experts: two RMSNorms, the rotary
+    embedding of q and k and two residual adds, on 64 tokens of a tiny layer."""
+    from ..models.args import RopeArgs
+    from ..models.layers import RMSNorm, Rotary
+
+    T, H, hq, hk, d = 64, 64, 4, 2, 16
+    norm = RMSNorm(H, 1e-5).to(device=device, dtype=dtype)
+    rotary = Rotary(d, RopeArgs(), 4096)
+    x = torch.full((T, H), 0.01, dtype=dtype, device=device)
+    q = torch.full((T, hq, d), 0.01, dtype=dtype, device=device)
+    k = torch.full((T, hk, d), 0.01, dtype=dtype, device=device)
+    pos = torch.arange(T, device=device)
+
+    def layer() -> torch.Tensor:
+        y = x + norm(x)
+        rotary(q, pos)
+        rotary(k, pos)
+        return y + norm(y)
+
+    return _timed(lambda: [layer() for _ in range(10)], device=device) / 10
 
 
 def _op_cost(device=torch.device("cpu")) -> float:
@@ -195,11 +291,67 @@ def measure_row_cost(tokenizer, vocab: int) -> float:
     return (time.perf_counter() - t) / len(toks)
 
 
+def cached_experts(source, num_layers: int, num_experts: int) -> Optional[set]:
+    """The (MoE layer, expert) keys whose whole region the page cache holds now (``mincore``: asks,
+    never reads); None where that cannot be told (not a packed file, no ``mincore``)."""
+    from ..weights.direct_io import PageCache
+
+    packed, layers = getattr(source, "packed", None), getattr(source, "layers", None)
+    if packed is None or layers is None:
+        return None
+    maps: dict = {}
+    out = set()
+    try:
+        for layer in range(num_layers):
+            for e in range(num_experts):
+                r = packed.expert_region(layers[layer], e)
+                if r.path not in maps:
+                    fd = os.open(r.path, os.O_RDONLY)
+                    try:
+                        maps[r.path] = PageCache(fd)
+                    finally:
+                        os.close(fd)  # the map keeps what it needs
+                if maps[r.path].resident_prefix(r.offset, r.nbytes) >= r.nbytes:
+                    out.add((layer, e))
+    except (OSError, ValueError, AttributeError):
+        return None
+    finally:
+        for m in maps.values():
+            m.close()
+    return out
+
+
+@dataclass
+class Transfer:
+    """How fast expert loads run on this machine now, and from where (see :func:`measure_transfer`)."""
+
+    read_bps: float  # expert bytes/s, the page-cache and disk shares weighted as the run will see them
+    overlap: float  # share of compute time the reads hide under, 0..1
+    cached: Optional[int]  # experts whose bytes the page cache holds (None: unknown)
+    experts: int  # experts in all
+    direct: bool  # uncached bytes come by O_DIRECT (they stay uncached); False: buffered reads
+
+    def where(self) -> str:
+        """Where the reads come from, in words."""
+        disk = "the disk by O_DIRECT" if self.direct else "the disk by buffered reads"
+        if self.cached is None:
+            return f"the packed file (page cache or {disk.removeprefix('the ')}: unknown)"
+        if self.cached == self.experts:
+            return f"the page cache (all {self.experts} experts' bytes cached)"
+        if self.cached == 0:
+            return f"{disk} (no expert's bytes in the page cache)"
+        return f"the page cache for {self.cached} of {self.experts} experts, {disk} for the rest"
+
+
 def measure_transfer(source, num_layers: int, num_experts: int, dtype: torch.dtype, threads: int = 4,
-                     budget_s: float = 0.15) -> tuple[float, float]:
-    """Expert reads from where the experts rest (the packed file; the page cache where it holds the
-    bytes), as the store does them (whole slots, ``threads`` loaders), timed alone, then next to a
-    matmul loop: returns (bytes/s, the share of compute time the reads hide under, 0..1).
+                     budget_s: float = 0.15) -> Transfer:
+    """Expert reads from where the experts rest, as the store does them (whole slots, ``threads``
+    loaders), timed alone, then next to a matmul loop.
+
+    The packed file's regions come from the page cache where it holds them and from the disk
+    (O_DIRECT, which leaves the cache as it is) where it does not, at rates ten times apart: the
+    cached and uncached experts are timed apart (each on regions spread over the whole file) and
+    weighted by their shares, so the rate is the one a pass that reads every expert sees.
 
     Measured per model and run, not cached: it depends on the disk, the page cache and how busy
     the machine's cores are.
@@ -210,23 +362,38 @@ def measure_transfer(source, num_layers: int, num_experts: int, dtype: torch.dty
     from ..weights.direct_io import aligned_buffer
 
     local = threading.local()
-    keys = [(layer, e) for e in range(num_experts) for layer in range(num_layers)]
+    every = [(layer, e) for e in range(num_experts) for layer in range(num_layers)]
+    cached = cached_experts(source, num_layers, num_experts)
+    groups = [every] if cached is None else [g for g in ([k for k in every if k in cached],
+                                                         [k for k in every if k not in cached]) if g]
+    reader = getattr(getattr(source, "packed", None), "reader", None)
+    direct = bool(getattr(reader, "direct", False))
+    nbytes = source.layout.nbytes
 
-    def read(i: int) -> None:
+    def read(key) -> None:
         buf = getattr(local, "buf", None)
         if buf is None:
             buf = local.buf = aligned_buffer(source.layout.slot_bytes)
-        source.read_into(*keys[i % len(keys)], buf)
+        source.read_into(*key, buf)
 
     with ThreadPoolExecutor(threads) as pool:
-        def reads(count: int) -> float:
+        def reads(keys: list, count: int) -> float:
+            # every step-th key: a prefix of the reads covers the whole file, not its first experts
+            step = max(1, len(keys) // max(count, 1))
             t = time.perf_counter()
-            list(pool.map(read, range(count)))
+            list(pool.map(read, [keys[(i * step + i // len(keys)) % len(keys)] for i in range(count)]))
             return time.perf_counter() - t
 
-        first = reads(threads)
-        count = max(threads, int(budget_s / max(first, 1e-6) * threads))
-        t_read = reads(count)
+        seconds_per_byte, counts = 0.0, []
+        for g in groups:
+            first = reads(g, threads)
+            count = max(threads, int(budget_s / len(groups) / max(first, 1e-6) * threads))
+            rate = count * nbytes / min(reads(g, count), reads(g, count))  # the better of two: noise only slows
+            seconds_per_byte += len(g) / len(every) / rate
+            counts.append(count)
+        read_bps = 1 / seconds_per_byte
+        count = max(threads, int(budget_s * read_bps / nbytes))
+        t_read = count * nbytes / read_bps
         x = torch.full((256, 1024), 0.01, dtype=dtype)
         w = torch.full((2048, 1024), 0.01, dtype=dtype)
         one = _timed(lambda: F.linear(x, w), 3)
@@ -238,16 +405,15 @@ def measure_transfer(source, num_layers: int, num_experts: int, dtype: torch.dty
                 F.linear(x, w)
             return time.perf_counter() - t
 
-        rates, overlaps = [], []
+        overlaps = []
         for _ in range(2):  # a busy machine makes single samples noisy
             t_compute = compute()
             t = time.perf_counter()
-            background = threading.Thread(target=reads, args=(count,))  # hands the reads to the pool
+            background = threading.Thread(target=reads, args=(every, count))  # hands the reads to the pool
             background.start()
             compute()
             background.join()
             t_both = time.perf_counter() - t
-            rates.append(count * source.layout.nbytes / t_read)
             overlaps.append((t_compute + t_read - t_both) / max(min(t_compute, t_read), 1e-9))
-            t_read = reads(count)
-    return statistics.mean(rates), min(1.0, max(0.0, statistics.mean(overlaps)))
+    return Transfer(read_bps=read_bps, overlap=min(1.0, max(0.0, statistics.mean(overlaps))),
+                    cached=None if cached is None else len(cached), experts=len(every), direct=direct)

@@ -3,12 +3,16 @@ predicted tokens/s.
 
 Given the machine's rates (:class:`~moetier.runtime.machine.MachineProfile`),
 :class:`ModelCost` predicts the time of one forward pass from the model's sizes:
-each dense matmul as ``FLOPs / matmul rate + weight bytes / streaming rate``,
-the routed experts the same way for the experts a pass of ``T`` tokens is
-expected to hit, attention from the query-key pairs and cached keys of the
-pass's sequences, a fixed cost per attention call and per op, per-token sampling
-work, and the expert bytes read from where the experts rest, overlapped with
-compute. :class:`Planner` searches sequences per pass, prefill tokens per pass
+each dense matmul as ``call cost + FLOPs / matmul rate + weight bytes / streaming
+rate`` (:meth:`ModelCost.matmul_s`, the one place a kernel's rates enter), the
+routed experts the same way for the experts a pass of ``T`` tokens is expected to
+hit, attention from the query-key pairs and cached keys of the pass's sequences,
+the fixed costs of the model's own code (per routed expert, MoE layer, prompt
+chunk's attention, pooled decode attention, decoder layer and sequence: measured
+through that code by the machine profile), per-token sampling work, and the expert
+loads a pass makes through its slots (:meth:`Planner.loads_per_pass`) at the
+measured read rate, overlapped with compute as far as slots beyond one layer's
+experts allow. :meth:`Plan.explain` says where the prediction cannot be trusted. :class:`Planner` searches sequences per pass, prefill tokens per pass
 and (when experts are offloaded under a memory budget) the split of that budget
 between expert slots and KV cache, and keeps the plan with the best predicted
 tokens/s that fits.
@@ -45,6 +49,7 @@ class PassShape:
     seqs: float  # sequences in the pass (attention calls per layer)
     pairs: float  # sum of n_i x (start_i + n_i): query-key pairs
     ctx: float  # sum of start_i + n_i: cached keys read per layer
+    decode: float = 0.0  # sequences adding one token (they attend together in one call per layer)
 
 
 @dataclass
@@ -118,14 +123,17 @@ class ModelCost:
                      + e * 3 * inter * 2 * k / max(self.experts, 1))
         return int(1.25 * (tokens * per_token + rows * self.vocab * 8))
 
-    def matmul_s(self, rows: float, params: int, prof: MachineProfile) -> float:
-        """Seconds of ``rows`` rows through a weight of ``params`` parameters. The bf16/float32 kernels
-        stream the weight once and do 2 x rows x params FLOPs, times that add on CPUs at the
-        few-to-hundreds of rows a pass has; from ``wide_rows`` on, bf16 converts the weight to float32
-        and multiplies at the float32 rate instead (models/prepack.py)."""
+    def matmul_s(self, rows: float, params: int, prof: MachineProfile, calls: int = 1) -> float:
+        """Seconds of ``rows`` rows through a weight of ``params`` parameters, in ``calls`` matmul calls
+        (an expert: two). The bf16/float32 kernels pay a fixed cost per call, stream the weight once
+        and do 2 x rows x params FLOPs, times that add on CPUs at the few-to-hundreds of rows a pass
+        has; from ``wide_rows`` on, bf16 converts the weight to float32 and multiplies at the float32
+        rate instead (models/prepack.py). The one place a kernel's rates enter the model: another
+        kernel (quantized weights) adds its own branch here."""
+        fixed = calls * prof.linear_call_s
         if prof.wide_rows and rows >= prof.wide_rows:
-            return 2 * rows * params / prof.wide_flops + params * self.elem / prof.upcast_bps
-        return 2 * rows * params / prof.matmul_flops + params * self.elem / prof.stream_bps
+            return fixed + 2 * rows * params / prof.wide_flops + params * self.elem / prof.upcast_bps
+        return fixed + 2 * rows * params / prof.matmul_flops + params * self.elem / prof.stream_bps
 
     def expert_matmul_s(self, tokens: float, mean_rows: float, prof: MachineProfile) -> float:
         """One hit expert's matmul time, ``mean_rows`` rows on average. Where the wide path starts at
@@ -133,27 +141,31 @@ class ModelCost:
         short of it): averaged over eight equally likely row counts of the binomial spread of
         ``tokens`` tokens choosing ``top_k`` of ``experts`` experts (uniform routing)."""
         if not prof.wide_rows:
-            return self.matmul_s(mean_rows, self.expert_params, prof)
+            return self.matmul_s(mean_rows, self.expert_params, prof, calls=2)
         p = min(self.top_k / max(self.experts, 1), 1.0)
         sd = math.sqrt(tokens * p * (1 - p))
-        return sum(self.matmul_s(max(mean_rows + z * sd, 1.0), self.expert_params, prof) for z in _NORMAL_8) / 8
+        return sum(self.matmul_s(max(mean_rows + z * sd, 1.0), self.expert_params, prof, calls=2)
+                   for z in _NORMAL_8) / 8
 
     def pass_time(self, s: PassShape, moved_bytes: float, prof: MachineProfile, read_bps: Optional[float],
                   overlap: float = 1.0) -> dict:
         """Predicted seconds of one pass, by part; ``total`` is what the pass takes."""
         T, e = s.tokens, self.elem
-        dense = sum(self.matmul_s(T, p, prof) for p in self.linears) + len(self.linears) * prof.op_s
+        dense = sum(self.matmul_s(T, p, prof) for p in self.linears)
         experts = 0.0
         if self.moe_layers:
             U = self.experts_hit(T)
             n = T * self.top_k / U if U else 0.0
-            per = self.expert_matmul_s(T, n, prof) + 8 * prof.op_s
-            route = 16 * prof.op_s + 8 * T * self.top_k * self.hidden * e / prof.copy_bps
+            per = self.expert_matmul_s(T, n, prof) + prof.expert_call_s
+            route = prof.moe_call_s + 8 * T * self.top_k * self.hidden * e / prof.copy_bps
             experts = self.moe_layers * (U * per + route)
-        attn = self.layers * (s.seqs * prof.attn_call_s
-                              + max(s.pairs * self.attn_flops_per_pair / prof.attn_flops,
-                                    s.ctx * self.kv_bytes_per_token / self.layers / prof.copy_bps))
-        other = self.layers * (30 * prof.op_s + 24 * T * self.hidden * e / prof.copy_bps)
+        # decoding sequences attend together, one call per layer (on the KV pool); prompt chunks one each
+        group = s.decode if s.decode >= 2 else 0.0
+        calls = (s.seqs - group) * prof.attn_call_s + (prof.attn_group_s if group else 0.0)
+        attn = self.layers * (calls + max(s.pairs * self.attn_flops_per_pair / prof.attn_flops,
+                                          s.ctx * self.kv_bytes_per_token / self.layers / prof.copy_bps))
+        other = (self.layers * (prof.layer_s + 24 * T * self.hidden * e / prof.copy_bps)
+                 + s.seqs * prof.seq_s)
         head = (self.matmul_s(s.rows, self.head, prof) if s.rows else 0.0) \
             + s.rows * (self.row_s + 8 * self.vocab / prof.copy_bps)
         compute = dense + experts + attn + other + head
@@ -177,6 +189,7 @@ class Job:
     prompt_lens: list[int]
     new_tokens: list[int]
     max_len: int
+    stops_early: bool = True  # sequences may end before max_tokens (EOS, stop strings)
 
     @property
     def n(self) -> int:
@@ -205,6 +218,9 @@ class Plan:
     job: dict
     candidates: int = 0
     notes: list[str] = field(default_factory=list)
+    loads_per_pass: float = 0.0  # expert loads into slots per pass (Planner.loads_per_pass)
+    read_from: Optional[str] = None  # where expert reads come from (machine.Transfer.where)
+    unreliable: list[str] = field(default_factory=list)  # why the prediction cannot be trusted, if it cannot
 
     def explain(self) -> str:
         """The plan and its prediction, for a person."""
@@ -224,10 +240,13 @@ class Plan:
             "  average pass: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in p.items() if k != "total"),
         ]
         if self.expert_slots is not None:
-            lines.append(f"  expert bytes read per pass: {fmt_size(self.moved_bytes_per_pass)} at "
-                         f"{self.profile.get('read_gb_s', 0):.2f} GB/s")
+            lines.append(f"  expert loads per pass: {self.loads_per_pass:.1f} ({fmt_size(self.moved_bytes_per_pass)}) "
+                         f"at {self.profile.get('read_gb_s', 0):.2f} GB/s"
+                         + (f" from {self.read_from}" if self.read_from else ""))
         lines.append("  machine: " + ", ".join(f"{k} {v}" for k, v in self.profile.items()))
         lines += [f"  note: {n}" for n in self.notes]
+        if self.unreliable:
+            lines.append("  the prediction is not reliable here: " + "; ".join(self.unreliable))
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -265,7 +284,7 @@ class Planner:
     def __init__(self, cost: ModelCost, profile: MachineProfile, budget: Optional[int] = None,
                  kv_budget: Optional[int] = None, slot_bytes: Optional[int] = None, min_slots: int = 0,
                  max_slots: Optional[int] = None, read_bps: Optional[float] = None, max_seqs: int = 1024,
-                 overlap: float = 0.9):
+                 overlap: float = 0.9, transfer=None, load: Optional[tuple[float, int]] = None):
         self.cost = cost
         self.profile = profile
         self.budget = budget
@@ -276,6 +295,8 @@ class Planner:
         self.read_bps = read_bps
         self.max_seqs = max_seqs
         self.overlap = overlap  # see ModelCost.pass_time
+        self.transfer = transfer  # machine.Transfer: where expert reads come from (for the explanation)
+        self.load = load  # (load average, CPUs) when the plan is made: other work on the cores
 
     @property
     def offloaded(self) -> bool:
@@ -287,15 +308,26 @@ class Planner:
         E = self.cost.experts
         return self.overlap * min(1.0, max(0, (slots or 0) - E) / E) if E else 0.0
 
-    def moved_per_pass(self, slots: Optional[int], tokens: float) -> float:
-        """Expert bytes read per pass: experts hit, less those the scan policy keeps resident."""
+    def loads_per_pass(self, slots: Optional[int], tokens: float) -> float:
+        """Expert loads (disk reads into a slot) a pass of ``tokens`` tokens makes: the experts it hits,
+        less those the scan policy keeps resident from pass to pass. A pass runs the layers in order
+        and a layer's experts must all sit in slots while it runs, so the slots cycle through the
+        layers: of ``slots`` slots, one layer's worth holds the layer running and one the layer being
+        loaded next, and only ``slots - 2 x experts`` stay put across passes (Belady's rule for a
+        cyclic scan, ``throughput_offload.ScanPolicy``); with fewer, every expert hit is read again
+        every pass. None (experts resident) or slots for every expert: nothing is read."""
         c = self.cost
         if slots is None:
             return 0.0
         total = c.moe_layers * c.experts
-        hit = c.moe_layers * c.experts_hit(tokens)
-        kept = max(0, min(slots, total) - 2 * c.experts) if slots < total else total
-        return hit * (1 - kept / total) * c.expert_bytes
+        if slots >= total:
+            return 0.0
+        kept = max(0, slots - 2 * c.experts)
+        return c.moe_layers * c.experts_hit(tokens) * (1 - kept / total)
+
+    def moved_per_pass(self, slots: Optional[int], tokens: float) -> float:
+        """Expert bytes read per pass (:meth:`loads_per_pass` whole experts)."""
+        return self.loads_per_pass(slots, tokens) * self.cost.expert_bytes
 
     def _job_time(self, job: Job, B: int, C: int, slots: Optional[int]) -> tuple[float, float, PassShape, dict]:
         """Closed-form estimate: (seconds, passes, the average pass, its parts)."""
@@ -319,7 +351,7 @@ class Planner:
         ctx_dec = Pm + Gm / 2
         pairs = (G * ctx_dec + sum(p * (p + min(p, C)) / 2 for p in job.prompt_lens)) / passes
         ctx = rows * ctx_dec + prefilling * Pm
-        shape = PassShape(tokens=tokens, rows=rows, seqs=seqs, pairs=pairs, ctx=ctx)
+        shape = PassShape(tokens=tokens, rows=rows, seqs=seqs, pairs=pairs, ctx=ctx, decode=max(0.0, seqs - prefilling))
         parts = self.cost.pass_time(shape, self.moved_per_pass(slots, tokens), self.profile, self.read_bps,
                                     self.hidden_share(slots))
         return passes * parts["total"], passes, shape, parts
@@ -387,6 +419,8 @@ class Planner:
         if prof.wide_rows:
             profile.update(wide_rows=prof.wide_rows, wide_gflop_s=round(prof.wide_flops / 1e9, 1),
                            upcast_gb_s=round(prof.upcast_bps / 1e9, 2))
+        profile.update({k.removesuffix("_s") + "_us": round(getattr(prof, k) * 1e6, 1) for k in (
+            "linear_call_s", "expert_call_s", "moe_call_s", "attn_group_s", "layer_s", "seq_s")})
         if self.read_bps:
             profile["read_gb_s"] = round(self.read_bps / 1e9, 2)
             profile["read_overlap"] = round(self.overlap, 2)
@@ -395,11 +429,34 @@ class Planner:
         notes = []
         if any(t >= job.max_len - p for p, t in zip(job.prompt_lens, job.new_tokens)):
             notes.append("some sequences have no max_tokens below the context: KV is reserved up to max_model_len")
-        notes.append("the prediction assumes every sequence runs to max_tokens (EOS and stop strings end some sooner)")
+        if slots is not None and parts["transfer"] > parts["compute"]:
+            notes.append(f"passes are bound by expert reads ({parts['transfer'] * 1e3:.1f} of "
+                         f"{parts['total'] * 1e3:.1f} ms): the prediction is as good as the read rate measured "
+                         f"now, which other I/O on the disk changes")
         return Plan(max_seqs=B, prefill_tokens=C, kv_budget=kv_budget, expert_slots=slots, predicted_tok_s=rate,
                     predicted_s=secs, passes=passes, pass_s=parts, memory=memory,
                     moved_bytes_per_pass=self.moved_per_pass(slots, shape.tokens), profile=profile, job=jobd,
-                    candidates=tried, notes=notes)
+                    candidates=tried, notes=notes, loads_per_pass=self.loads_per_pass(slots, shape.tokens),
+                    read_from=self.transfer.where() if self.transfer is not None and slots is not None else None,
+                    unreliable=self.unreliable(job, slots))
+
+    def unreliable(self, job: Job, slots: Optional[int]) -> list[str]:
+        """Why a prediction for ``job`` cannot be trusted, in words (empty: nothing known against it)."""
+        out = []
+        if job.stops_early:
+            out.append("it assumes every sequence runs to max_tokens, and sequences that stop sooner (EOS, stop "
+                       "strings) leave passes part-empty, so fewer tokens/s are measured; after a run, "
+                       "last_run['predicted_tok_s_for_passes_run'] is the model on the passes as they ran")
+        if self.load is not None:
+            avg, cpus = self.load
+            if avg > cpus:
+                out.append(f"the machine is busy (load average {avg:.1f} on {cpus} CPUs): other processes take "
+                           f"CPU time this run needs, by an amount that changes from run to run")
+        t = self.transfer
+        if slots is not None and t is not None and not t.direct and (t.cached or 0) < t.experts:
+            out.append("expert reads are buffered (no O_DIRECT on this filesystem), so the page cache fills "
+                       "as the run reads and the read rate measured now changes during the run")
+        return out
 
     def _kv_room(self, slots: Optional[int], C: int, B: int = 1) -> int:
         """KV bytes that fit next to the weights, ``slots`` expert slots and a pass's activations."""

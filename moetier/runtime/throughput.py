@@ -61,6 +61,14 @@ class RunReport:
     def tok_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
+    @property
+    def predicted_tok_s_for_passes_run(self) -> Optional[float]:
+        """The cost model's tokens/s for the passes as they ran: unlike the plan's prediction, this
+        knows which sequences stopped early (EOS, stop strings) and how the passes were filled."""
+        if not self.predicted_s_for_passes_run:
+            return None
+        return self.generated_tokens / self.predicted_s_for_passes_run
+
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "shapes"}
         d["measured_tok_s"] = round(self.tok_s, 2)
@@ -70,6 +78,7 @@ class RunReport:
             d["measured_over_predicted"] = round(self.tok_s / self.predicted_tok_s, 3)
         if self.predicted_s_for_passes_run:
             d["predicted_s_for_passes_run"] = round(self.predicted_s_for_passes_run, 3)
+            d["predicted_tok_s_for_passes_run"] = round(self.predicted_tok_s_for_passes_run, 2)
             d["pass_model_error"] = round(self.predicted_s_for_passes_run / self.seconds - 1, 3) if self.seconds else None
         return d
 
@@ -78,6 +87,10 @@ class RunReport:
              f"({self.tok_s:.1f} tok/s, {self.passes} passes, up to {self.peak_seqs} sequences per pass)")
         if self.predicted_tok_s:
             s += f"; predicted {self.predicted_tok_s:.1f} tok/s (measured/predicted {self.tok_s / self.predicted_tok_s:.2f})"
+        ran = self.predicted_tok_s_for_passes_run
+        if ran and self.predicted_tok_s and abs(ran / self.predicted_tok_s - 1) > 0.1:
+            s += (f"; {ran:.1f} tok/s for the passes as they ran (the plan assumed every sequence runs to "
+                  f"max_tokens)")
         return s
 
 
@@ -143,7 +156,8 @@ class ThroughputRunner:
                     chosen, lengths = self._schedule(running, plan.prefill_tokens)
                     shape = PassShape(tokens=sum(lengths), rows=0, seqs=len(chosen),
                                       pairs=sum(n * (s.kv.length + n) for s, n in zip(chosen, lengths)),
-                                      ctx=sum(s.kv.length + n for s, n in zip(chosen, lengths)))
+                                      ctx=sum(s.kv.length + n for s, n in zip(chosen, lengths)),
+                                      decode=sum(1 for n in lengths if n == 1))
                     events = forward_step(e.model, chosen, lengths, e.eos, hooks)
                     shape.rows = len(events)
                     rep.shapes.append(shape)
@@ -165,7 +179,7 @@ class ThroughputRunner:
             rep.seconds = time.perf_counter() - t_start
             if store is not None:
                 rep.expert_bytes_read = store.stats.bytes_disk_to_host - read0
-            if self.planner is not None and rep.shapes:
+            if self.planner is not None and rep.shapes:  # the cost model on the passes as they ran
                 rep.predicted_s_for_passes_run = self.planner.predict_passes(rep.shapes, plan.expert_slots)
 
     @staticmethod
