@@ -43,6 +43,12 @@ class LimitedRun:
     cgroup: str  # "v2" or "v1"
     limit_bytes: int
 
+    @property
+    def reached_limit(self) -> bool:
+        """Whether usage reached the limit (the kernel then reclaims page cache to stay within it; a
+        v1 failcnt is not counted for that on every kernel, so this reads the peak)."""
+        return self.peak_bytes is not None and self.peak_bytes >= self.limit_bytes - (4 << 20)
+
 
 def _mounts() -> list[tuple[str, str, set[str]]]:
     """(mount point, fs type, options) of every cgroup filesystem."""
@@ -191,7 +197,9 @@ def _oom_kills(kind: str, group: Path) -> int:
 def _limit_hits(kind: str, group: Path) -> Optional[int]:
     if kind == "v2":
         return _keyed(group / "memory.events").get("max")
-    return _read_int(group / "memory.failcnt")
+    counts = [_read_int(group / f) for f in ("memory.failcnt", "memory.memsw.failcnt")]  # memsw: the no-swap limit
+    counts = [c for c in counts if c is not None]
+    return max(counts) if counts else None
 
 
 def _peak(kind: str, group: Path) -> Optional[int]:
@@ -269,6 +277,7 @@ def main() -> None:
     sys.stderr.write(r.stderr)
     info = {k: v for k, v in asdict(r).items() if k not in ("stdout", "stderr")}
     info["peak_mib"] = None if r.peak_bytes is None else round(r.peak_bytes / 2**20, 1)
+    info["reached_limit"] = r.reached_limit
     print(json.dumps({"what": "cgroup_run", **info}))
 
 

@@ -59,7 +59,7 @@ def spawn_worker(script: str, spec: dict, timeout: float, tags: tuple[str, ...] 
     or one error object carrying ``spec``'s ``kind`` and ``tags``. ``echo_stderr``: pass the tail of
     a successful worker's stderr on (a plan's explanation). ``ram_limit``: run it in a memory cgroup
     of that many bytes (bench/cgroup.py; page cache counted, no swap); every row then carries the
-    group's ``peak_mib``, ``oom_killed`` and ``limit_hits``."""
+    group's ``peak_mib``, ``oom_killed``, ``limit_hits`` and ``reached_limit``."""
     import subprocess
     import sys
     import tempfile
@@ -100,7 +100,7 @@ def spawn_worker(script: str, spec: dict, timeout: float, tags: tuple[str, ...] 
         for row in rows:
             row.update({"ram_limit_mib": round(ram_limit / 2**20, 1), "oom_killed": limited.oom_killed,
                         "peak_mib": None if limited.peak_bytes is None else round(limited.peak_bytes / 2**20, 1),
-                        "limit_hits": limited.limit_hits})
+                        "limit_hits": limited.limit_hits, "reached_limit": limited.reached_limit})
     return rows
 
 

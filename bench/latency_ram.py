@@ -64,11 +64,12 @@ def run(args, script: str, folder: Path, prompt_ids) -> dict:
     hf_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     rows: list[dict] = []
 
-    def spawn(spec: dict) -> list[dict]:
+    def spawn(spec: dict, round_: int | None = None) -> list[dict]:
         drop_file_cache(_files(folder, off, acc_off, gguf))
         got = spawn_worker(script, spec, args.timeout, tags=("budget", "mode"), ram_limit=limit)
         for row in got:
             row.setdefault("budget", spec.get("budget"))
+            row["round"] = round_
             emit(row)
         return got
 
@@ -115,9 +116,7 @@ def run(args, script: str, folder: Path, prompt_ids) -> dict:
                       "offload_dir": str(acc_off)})
     for r in range(args.rounds):
         for spec in specs:
-            for row in spawn(spec):
-                row["round"] = r
-                rows.append(row)
+            rows += spawn(spec, r)
     return summarize(rows, args, limit, time.perf_counter() - t_start)
 
 
@@ -126,7 +125,7 @@ def summarize(rows: list[dict], args, limit: int, elapsed: float) -> dict:
                "rounds": args.rounds, "elapsed_s": round(elapsed, 1)}
     conv = next((r for r in rows if r["what"] == "convert"), None)
     if conv:
-        s["convert"] = {k: conv.get(k) for k in ("convert_s", "peak_mib", "oom_killed", "limit_hits", "error")}
+        s["convert"] = {k: conv.get(k) for k in ("convert_s", "peak_mib", "oom_killed", "reached_limit", "error")}
     timed = [r for r in rows if r["what"] in ("moetier", "llama.cpp", "accelerate")]
     groups: dict[str, list[dict]] = {}
     for r in timed:
@@ -135,7 +134,8 @@ def summarize(rows: list[dict], args, limit: int, elapsed: float) -> dict:
     for k, rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         e = {"runs": len(rs), "failed": len(rs) - len(ok), "oom_killed": any(r.get("oom_killed") for r in rs),
-             "peak_mib": max((r["peak_mib"] for r in rs if r.get("peak_mib") is not None), default=None)}
+             "peak_mib": max((r["peak_mib"] for r in rs if r.get("peak_mib") is not None), default=None),
+             "reached_limit": any(r.get("reached_limit") for r in rs)}
         if ok:
             steps = [x for r in ok for x in r["step_ms"]]
             e.update({"ms_per_token_median": round(statistics.median(steps), 1),
