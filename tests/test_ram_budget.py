@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,3 +110,14 @@ def test_auto_budget_outside_any_limit_is_below_available_ram():
 def test_auto_budget_is_a_cpu_budget():
     with pytest.raises(MoetierError, match="auto"):
         resolve_budget("auto", device="cuda")
+
+
+def test_cli_device_memory_auto_offloads_with_the_same_text(tmp_path):
+    want = LLM("demo").generate(["12+34="], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    r = subprocess.run(
+        [sys.executable, "-m", "moetier", "generate", "--model", "demo", "--prompt", "12+34=", "--max-tokens", "6",
+         "--ignore-eos", "--device-memory", "auto", "--offload-dir", str(tmp_path), "--stats"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "[stats] expert hits" in r.stderr  # offloaded, not resident
+    assert r.stdout == "12+34=" + want[0].outputs[0].text + "\n"
