@@ -309,21 +309,24 @@ class Planner:
         return self.overlap * min(1.0, max(0, (slots or 0) - E) / E) if E else 0.0
 
     def loads_per_pass(self, slots: Optional[int], tokens: float) -> float:
-        """Expert loads (disk reads into a slot) a pass of ``tokens`` tokens makes: the experts it hits,
-        less those the scan policy keeps resident from pass to pass. A pass runs the layers in order
-        and a layer's experts must all sit in slots while it runs, so the slots cycle through the
-        layers: of ``slots`` slots, one layer's worth holds the layer running and one the layer being
-        loaded next, and only ``slots - 2 x experts`` stay put across passes (Belady's rule for a
-        cyclic scan, ``throughput_offload.ScanPolicy``); with fewer, every expert hit is read again
-        every pass. None (experts resident) or slots for every expert: nothing is read."""
+        """Expert loads (disk reads into a slot) a pass of ``tokens`` tokens makes through ``slots`` slots.
+
+        A pass runs the layers in order and a layer's experts must all sit in slots while it runs,
+        so the slots cycle through the layers. With one or two layers' worth of slots (the layer
+        running and the one loading next) every expert hit is read again every pass; with a slot for
+        every expert nothing is read; in between, the scan policy (``throughput_offload``: evict the
+        layer that runs again last) keeps a share that grows linearly from nothing to everything:
+        loads = hit x (N - slots) / (N - 2E) for N experts in all, E per layer. That line follows
+        the real store within a few percent (``tests/test_planner_cost.py`` drives it through passes).
+        None (experts resident): nothing is read."""
         c = self.cost
         if slots is None:
             return 0.0
         total = c.moe_layers * c.experts
         if slots >= total:
             return 0.0
-        kept = max(0, slots - 2 * c.experts)
-        return c.moe_layers * c.experts_hit(tokens) * (1 - kept / total)
+        share = min(1.0, (total - slots) / max(total - 2 * c.experts, 1))
+        return c.moe_layers * c.experts_hit(tokens) * share
 
     def moved_per_pass(self, slots: Optional[int], tokens: float) -> float:
         """Expert bytes read per pass (:meth:`loads_per_pass` whole experts)."""
