@@ -274,12 +274,20 @@ def cmd_convert(args) -> int:
         return 0
     if args.out_dir is None:
         args.parser.error("convert needs HF_DIR and OUT_DIR (or --verify OUT_DIR)")
+    from .weights.gguf import import_gguf, is_gguf
     from .weights.packed_write import convert
 
     t0 = time.perf_counter()
-    out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, max_file_size=args.max_file_size,
-                  force=args.force, progress=not args.quiet, quant=args.quant, group_size=args.group_size,
-                  quant_dense=args.quant_dense)
+    if is_gguf(args.hf_dir):  # a GGUF file: imported (weights/gguf.py), its quantized blocks carried over
+        out = import_gguf(args.hf_dir, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer,
+                          max_file_size=args.max_file_size, force=args.force, progress=not args.quiet,
+                          quant=args.quant, group_size=args.group_size, quant_dense=args.quant_dense)
+    elif args.tokenizer is not None:
+        args.parser.error("--tokenizer is for GGUF sources only (a checkpoint folder brings its own)")
+    else:
+        out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, max_file_size=args.max_file_size,
+                      force=args.force, progress=not args.quiet, quant=args.quant, group_size=args.group_size,
+                      quant_dense=args.quant_dense)
     size = sum(f.stat().st_size for f in out.glob("weights-*.bin"))
     print(f"wrote {out} ({_size(size)}) in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -511,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "interrupted convert leaves nothing that looks complete.\n\n"
                     "  moetier convert HF_DIR OUT_DIR [--dtype bf16] [--max-file-size 2GiB]\n"
                     "                 [--quant int8|int4 [--group-size N]] [--quant-dense int8|none]\n"
+                    "  moetier convert MODEL.gguf OUT_DIR [--tokenizer HF_DIR|none]   import a GGUF file: Q8_0 /\n"
+                    "                 Q4_0 / Q4_1 blocks carried over as int8 / int4, F16/BF16/F32 as they are,\n"
+                    "                 other types (Q4_K, Q6_K, MXFP4, ...) re-quantized to int4 / int8 (logged);\n"
+                    "                 --quant / --quant-dense re-quantize what is not of that kind"
                     "  moetier convert --verify OUT_DIR   re-read every region and check its checksum\n"
                     "                                     (exit 1 and name the file and tensor if any is bad)")
     p.add_argument("hf_dir", metavar="HF_DIR", help="the source checkpoint folder (with --verify: the packed folder)")
@@ -529,7 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs per scale for --quant (int4: 32 (default), 64, 128, 256; int8: a divisor of "
                         "each input dimension, e.g. 32 as GGUF Q8_0)")
     p.add_argument("--quant-dense", default=None, choices=["int8", "none"],
-                   help="attention, LM head and dense MLPs: int8 per-channel, or none (the default)")
+                   help="attention, LM head and dense MLPs: int8 per-channel, or none (the default; GGUF "
+                        "sources: the default keeps each tensor's GGUF kind, none dequantizes)")
+    p.add_argument("--tokenizer", default=None, metavar="HF_DIR|none",
+                   help="GGUF sources: copy the tokenizer from this folder instead of building it from the GGUF "
+                        "vocabulary, or 'none' to import without one (token-id prompts only)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.add_argument("--verify", action="store_true", help="check the packed folder HF_DIR instead of converting")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
