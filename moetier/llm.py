@@ -281,21 +281,32 @@ class LLM:
         ``SamplingParams(prompt_logprobs=k)``, computed by the same step (``moetier eval --kl-base``
         compares them between two models). ``start``: skip the first positions' rows (not kept).
         """
+        return self.next_token_logprobs_batch([token_ids], start)[0]
+
+    def next_token_logprobs_batch(self, prompts: list[list[int]], start: int = 0) -> list[torch.Tensor]:
+        """:meth:`next_token_logprobs` of several prompts, run together (one expert read serves all)."""
         from .runtime.prompt_logprobs import FullDistributions
 
-        ids = [int(t) for t in token_ids]
-        self.engine.check_prompt(ids)
-        if not 0 <= start < len(ids):
-            raise RequestError(f"start must be in [0, {len(ids) - 1}] for {len(ids)} tokens, got {start}")
+        prompts = [[int(t) for t in ids] for ids in prompts]
+        for ids in prompts:  # all checked before anything is allocated
+            self.engine.check_prompt(ids)
+            if not 0 <= start < len(ids):
+                raise RequestError(f"start must be in [0, {len(ids) - 1}] for {len(ids)} tokens, got {start}")
         rid = f"logprobs-{uuid.uuid4().hex}"
-        seq = self.engine.add_request(rid, ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
-        seq.prompt_sink = sink = FullDistributions(len(ids), self.args.vocab_size, start)
+        seqs, sinks = [], []
         try:
-            while not seq.finished:
+            for i, ids in enumerate(prompts):
+                seq = self.engine.add_request(f"{rid}-{i}", ids,
+                                              SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
+                seq.prompt_sink = FullDistributions(len(ids), self.args.vocab_size, start)
+                seqs.append(seq)
+                sinks.append(seq.prompt_sink)
+            while not all(s.finished for s in seqs):
                 self.engine.step()
         finally:
-            self.engine.abort(rid)
-        return sink.rows
+            for i in range(len(seqs)):
+                self.engine.abort(f"{rid}-{i}")
+        return [sink.rows for sink in sinks]
 
     def _run(self, encoded, params_list, use_tqdm: bool) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []

@@ -31,6 +31,7 @@ from .errors import TaskError
 from .tokenizer import require
 
 DEFAULT_CTX = 512  # llama.cpp's perplexity default; lowered to what the models' context holds
+GROUP_BYTES = 256 << 20  # kept distributions of the windows one step runs, per model
 
 
 def default_text() -> Path:
@@ -98,25 +99,37 @@ def window_scores(model_logp: torch.Tensor, targets: torch.Tensor,
     return out
 
 
+def windows_per_step(llm, ctx: int) -> int:
+    """Windows run together: what one step's token budget holds, their kept distributions (the
+    scored half, float32) within :data:`GROUP_BYTES` per model."""
+    kept = (ctx - 1 - first_scored(ctx)) * llm.args.vocab_size * 4
+    return max(1, min(llm.engine.max_batch_tokens // ctx, llm.engine.max_num_seqs, GROUP_BYTES // kept))
+
+
 def text_eval(llm, windows: list[list[int]], base=None, use_tqdm: bool = True) -> dict:
     """Score ``llm`` (and, against ``base``, KL and top-1 agreement) on ``windows``; see the module docstring."""
     from tqdm.auto import tqdm
 
+    ctx = len(windows[0])
+    first = first_scored(ctx)
+    group = min(windows_per_step(m, ctx) for m in (llm, base) if m is not None)
     parts: dict[str, list[torch.Tensor]] = {}
-    bar = tqdm(windows, desc="KL divergence" if base is not None else "perplexity", unit="window",
+    bar = tqdm(total=len(windows), desc="KL divergence" if base is not None else "perplexity", unit="window",
                disable=not use_tqdm, dynamic_ncols=True)
-    for ids in bar:
-        first = first_scored(len(ids))
-        targets = torch.tensor(ids[first + 1:])
-        model_logp = llm.next_token_logprobs(ids, first)  # [len(ids) - 1 - first, vocab]
-        base_logp = base.next_token_logprobs(ids, first) if base is not None else None
-        for k, v in window_scores(model_logp, targets, base_logp).items():
-            parts.setdefault(k, []).append(v)
+    for lo in range(0, len(windows), group):
+        chunk = windows[lo:lo + group]
+        model_logp = llm.next_token_logprobs_batch(chunk, first)  # each [ctx - 1 - first, vocab]
+        base_logp = base.next_token_logprobs_batch(chunk, first) if base is not None else [None] * len(chunk)
+        for ids, m, b in zip(chunk, model_logp, base_logp):
+            for k, v in window_scores(m, torch.tensor(ids[first + 1:]), b).items():
+                parts.setdefault(k, []).append(v)
+        bar.update(len(chunk))
         if base is not None:
             bar.set_postfix_str(f"mean KL {torch.cat(parts['kl']).mean().item():.4g}", refresh=False)
+    bar.close()
     s = {k: torch.cat(v) for k, v in parts.items()}
     n = s["nll"].numel()
-    result = {"ctx": len(windows[0]), "windows": len(windows), "tokens_scored": n,
+    result = {"ctx": ctx, "windows": len(windows), "tokens_scored": n,
               "scored": "second half of each window (at least ctx/2 tokens of context), as llama.cpp's perplexity",
               "perplexity": _round(math.exp(s["nll"].mean().item()))}
     if base is not None:

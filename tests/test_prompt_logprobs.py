@@ -104,6 +104,11 @@ def test_next_token_logprobs_are_full_distributions(ckpt, monkeypatch):
         assert part.shape[0] == len(ids) - 1 - start and (part - ref[start:]).abs().max().item() <= TOL
     with pytest.raises(RequestError, match="start"):
         llm.next_token_logprobs(ids, len(ids))
+    others = [llm.tokenizer.encode(t) for t in ("0123456789", "MoE experts")]
+    together = llm.next_token_logprobs_batch([ids, *others], 2)  # one step for the three
+    for p, got in zip([ids, *others], together):
+        assert (got - _reference(ckpt, p)[2:-1]).abs().max().item() <= TOL
+    assert not llm.engine.has_unfinished()
 
 
 def test_first_completion_only_one_token_prompt_and_bad_values(tmp_path_factory):
