@@ -136,6 +136,9 @@ def test_explain_says_plainly_when_it_cannot_predict():
     early = _offload_planner(load=(0.3, 2)).plan(Job(JOB.prompt_lens, JOB.new_tokens, JOB.max_len)).explain()
     assert "not reliable" in early and "runs to max_tokens" in early and "predicted_tok_s_for_passes_run" in early
 
+    crowded = _offload_planner(load=(0.3, 1)).plan(JOB).explain()  # one torch thread on one CPU, plus loaders
+    assert "not reliable" in crowded and "torch runs 1 threads on 1 CPU(s)" in crowded
+
     buffered = Transfer(read_bps=1e9, overlap=0.5, cached=0, experts=L * E, direct=False)
     text = _offload_planner(load=(0.3, 2), transfer=buffered).plan(JOB).explain()
     assert "not reliable" in text and "buffered" in text and "from the disk by buffered reads" in text

@@ -455,6 +455,10 @@ class Planner:
             if avg > cpus:
                 out.append(f"the machine is busy (load average {avg:.1f} on {cpus} CPUs): other processes take "
                            f"CPU time this run needs, by an amount that changes from run to run")
+            if slots is not None and self.profile.threads >= cpus:
+                out.append(f"torch runs {self.profile.threads} threads on {cpus} CPU(s) and the expert loader "
+                           f"threads need CPU time too (page-cache copies, checksums): compute and loads compete "
+                           f"for the cores, which the cost model does not count")
         t = self.transfer
         if slots is not None and t is not None and not t.direct and (t.cached or 0) < t.experts:
             out.append("expert reads are buffered (no O_DIRECT on this filesystem), so the page cache fills "
