@@ -404,6 +404,7 @@ class LLM:
         left = [p.n for p in params_list]
         done = 0
         bar = _progress(len(outputs), use_tqdm, "Generating (throughput)")
+        caveat = f"; not reliable: {', '.join(plan.caveats)}" if plan.caveats else ""
         passes = runner.run(seqs, plan)
         try:
             for finished in passes:
@@ -415,15 +416,15 @@ class LLM:
                         yield i, outputs[i]
                 if bar is not None:
                     bar.update(done - bar.n)
-                    bar.set_postfix_str(f"{runner.report.tok_s:.1f} tok/s (predicted {plan.predicted_tok_s:.1f})",
-                                        refresh=False)
+                    bar.set_postfix_str(
+                        f"{runner.report.tok_s:.1f} tok/s (predicted {plan.predicted_tok_s:.1f}{caveat})", refresh=False)
         finally:
             passes.close()  # an early exit stops the run and restores the expert store
             if bar is not None:
                 ran = runner.report.predicted_tok_s_for_passes_run
                 if ran:  # the cost model on the passes as they ran: sequences that stopped early included
-                    bar.set_postfix_str(f"{runner.report.tok_s:.1f} tok/s (predicted {ran:.1f} for these passes, "
-                                        f"{plan.predicted_tok_s:.1f} planned)", refresh=False)
+                    bar.set_postfix_str(f"{runner.report.tok_s:.1f} tok/s (predicted {ran:.1f} for the passes run, "
+                                        f"{plan.predicted_tok_s:.1f} planned{caveat})", refresh=False)
                 bar.close()
             self.last_run = {"plan": {k: v for k, v in plan.as_dict().items() if k in (
                 "max_seqs", "prefill_tokens", "kv_budget", "expert_slots", "predicted_tok_s", "predicted_s",

@@ -130,8 +130,10 @@ def test_explain_says_plainly_when_it_cannot_predict():
     assert quiet.unreliable == [] and "not reliable" not in quiet.explain()
     assert f"expert loads per pass: {L * E}.0" in quiet.explain()
 
-    busy = _offload_planner(load=(9.5, 2)).plan(JOB).explain()
+    busy_plan = _offload_planner(load=(9.5, 2)).plan(JOB)
+    busy = busy_plan.explain()
     assert "the prediction is not reliable here" in busy and "busy (load average 9.5 on 2 CPUs)" in busy
+    assert busy_plan.caveats == ["busy machine"]  # the progress line's few words
 
     early = _offload_planner(load=(0.3, 2)).plan(Job(JOB.prompt_lens, JOB.new_tokens, JOB.max_len)).explain()
     assert "not reliable" in early and "runs to max_tokens" in early and "predicted_tok_s_for_passes_run" in early

@@ -12,10 +12,11 @@ chunk's attention, pooled decode attention, decoder layer and sequence: measured
 through that code by the machine profile), per-token sampling work, and the expert
 loads a pass makes through its slots (:meth:`Planner.loads_per_pass`) at the
 measured read rate, overlapped with compute as far as slots beyond one layer's
-experts allow. :meth:`Plan.explain` says where the prediction cannot be trusted. :class:`Planner` searches sequences per pass, prefill tokens per pass
-and (when experts are offloaded under a memory budget) the split of that budget
-between expert slots and KV cache, and keeps the plan with the best predicted
-tokens/s that fits.
+experts allow. :class:`Planner` searches sequences per pass, prefill tokens per
+pass and (when experts are offloaded under a memory budget) the split of that
+budget between expert slots and KV cache, and keeps the plan with the best
+predicted tokens/s that fits; :meth:`Plan.explain` says where the prediction
+cannot be trusted.
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ class Plan:
     loads_per_pass: float = 0.0  # expert loads into slots per pass (Planner.loads_per_pass)
     read_from: Optional[str] = None  # where expert reads come from (machine.Transfer.where)
     unreliable: list[str] = field(default_factory=list)  # why the prediction cannot be trusted, if it cannot
+    caveats: list[str] = field(default_factory=list)  # the same in a few words each (a progress line)
 
     def explain(self) -> str:
         """The plan and its prediction, for a person."""
@@ -409,6 +411,7 @@ class Planner:
                 f"cache (prompt + max_tokens), more than the {fmt_size(max(0, self._kv_room(slot_options[0], CHUNKS[0])))} "
                 f"left after the weights" + (" and expert slots" if self.offloaded else ""))
         rate, B, C, slots, kv, secs, passes, shape, parts, _ = best
+        reasons = self.unreliable(job, slots)
         act = c.act_bytes(B + C, B)
         kv_budget = kv
         memory = {"budget": self.budget, "dense": c.dense_bytes,
@@ -441,28 +444,31 @@ class Planner:
                     moved_bytes_per_pass=self.moved_per_pass(slots, shape.tokens), profile=profile, job=jobd,
                     candidates=tried, notes=notes, loads_per_pass=self.loads_per_pass(slots, shape.tokens),
                     read_from=self.transfer.where() if self.transfer is not None and slots is not None else None,
-                    unreliable=self.unreliable(job, slots))
+                    unreliable=[long for _, long in reasons], caveats=[short for short, _ in reasons])
 
-    def unreliable(self, job: Job, slots: Optional[int]) -> list[str]:
-        """Why a prediction for ``job`` cannot be trusted, in words (empty: nothing known against it)."""
+    def unreliable(self, job: Job, slots: Optional[int]) -> list[tuple[str, str]]:
+        """Why a prediction for ``job`` cannot be trusted: (a few words, the reason in full) each; empty
+        when nothing is known against it."""
         out = []
         if job.stops_early:
-            out.append("it assumes every sequence runs to max_tokens, and sequences that stop sooner (EOS, stop "
-                       "strings) leave passes part-empty, so fewer tokens/s are measured; after a run, "
-                       "last_run['predicted_tok_s_for_passes_run'] is the model on the passes as they ran")
+            out.append(("sequences may stop early", "it assumes every sequence runs to max_tokens, and sequences "
+                        "that stop sooner (EOS, stop strings) leave passes part-empty, so fewer tokens/s are "
+                        "measured; after a run, last_run['predicted_tok_s_for_passes_run'] is the model on the "
+                        "passes as they ran"))
         if self.load is not None:
             avg, cpus = self.load
             if avg > cpus:
-                out.append(f"the machine is busy (load average {avg:.1f} on {cpus} CPUs): other processes take "
-                           f"CPU time this run needs, by an amount that changes from run to run")
+                out.append(("busy machine", f"the machine is busy (load average {avg:.1f} on {cpus} CPUs): other "
+                            f"processes take CPU time this run needs, by an amount that changes from run to run"))
             if slots is not None and self.profile.threads >= cpus:
-                out.append(f"torch runs {self.profile.threads} threads on {cpus} CPU(s) and the expert loader "
-                           f"threads need CPU time too (page-cache copies, checksums): compute and loads compete "
-                           f"for the cores, which the cost model does not count")
+                out.append(("torch threads take every CPU", f"torch runs {self.profile.threads} threads on {cpus} "
+                            f"CPU(s) and the expert loader threads need CPU time too (page-cache copies, "
+                            f"checksums): compute and loads compete for the cores, which the cost model does not "
+                            f"count"))
         t = self.transfer
         if slots is not None and t is not None and not t.direct and (t.cached or 0) < t.experts:
-            out.append("expert reads are buffered (no O_DIRECT on this filesystem), so the page cache fills "
-                       "as the run reads and the read rate measured now changes during the run")
+            out.append(("buffered expert reads", "expert reads are buffered (no O_DIRECT on this filesystem), so "
+                        "the page cache fills as the run reads and the read rate measured now changes during the run"))
         return out
 
     def _kv_room(self, slots: Optional[int], C: int, B: int = 1) -> int:
