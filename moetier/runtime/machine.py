@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 # 2: attention of decoding sequences batched into one call; 3: the wide-matmul path; 4: fixed costs of the
-# model's own code paths (a matmul call, a routed expert, a MoE layer, a pooled decode attention, a layer)
-PROFILE_VERSION = 4
+# model's own code paths (a matmul call, a routed expert, a MoE layer, a pooled decode attention, a layer);
+# 5: timed in the probing thread's CPU time on the CPU
+PROFILE_VERSION = 5
 
 
 @dataclass
