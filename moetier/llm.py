@@ -345,7 +345,7 @@ class LLM:
 
     def _planner(self):
         """A planner for this model, machine and memory budget (probes run once per LLM)."""
-        from .runtime.machine import MachineProfile, measure_row_cost, measure_transfer
+        from .runtime.machine import MachineProfile, measure_cpu_share, measure_row_cost, measure_transfer
         from .runtime.planner import ModelCost, Planner, default_kv_budget
 
         e = self.engine
@@ -378,10 +378,13 @@ class LLM:
             kw = dict(slot_bytes=store.slot_bytes, min_slots=experts,
                       max_slots=layers * experts if budget is not None else self.memory["expert_slots"],
                       read_bps=self._planner_inputs["read_bps"])
+        load = _machine_load() if e.device.type == "cpu" else None
+        # the CPU this process gets, per plan (the load varies), where other processes compete for it
+        share = measure_cpu_share() if load is not None and load[0] > load[1] - 0.5 else 1.0
         return Planner(cost, self.machine_profile, budget=budget,
                        kv_budget=None if budget is not None else default_kv_budget(e.device),
                        overlap=self._planner_inputs["overlap"], transfer=self._planner_inputs["transfer"],
-                       load=_machine_load() if e.device.type == "cpu" else None, **kw)
+                       load=load, cpu_share=share, **kw)
 
     def _plan_for(self, seqs, planner=None):
         from .runtime.planner import Job

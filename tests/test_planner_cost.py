@@ -117,6 +117,17 @@ def test_matmul_calls_pay_a_fixed_cost_each():
     assert parts["dense"] == pytest.approx(len(cost.linears) * 1e-5)
 
 
+def test_a_smaller_cpu_share_stretches_compute_not_reads():
+    """The profile's rates are CPU time: with half the CPU, a pass's compute takes twice as long on the
+    wall clock, while its expert reads (measured on the wall clock) take as long as before."""
+    prof, cost = fixed_machine_profile(), _cost()
+    shape = PassShape(tokens=64, rows=64, seqs=64, pairs=64 * 40, ctx=64 * 40, decode=64)
+    full = cost.pass_time(shape, 1e6, prof, 1e8, overlap=0.0)
+    half = cost.pass_time(shape, 1e6, prof, 1e8, overlap=0.0, cpu_share=0.5)
+    assert half["compute"] == pytest.approx(2 * full["compute"]) and half["transfer"] == full["transfer"] == 0.01
+    assert half["total"] == pytest.approx(2 * full["compute"] + 0.01)
+
+
 JOB = Job(prompt_lens=[8] * 64, new_tokens=[32] * 64, max_len=128, stops_early=False)
 
 

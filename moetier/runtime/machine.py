@@ -296,6 +296,18 @@ def measure_row_cost(tokenizer, vocab: int) -> float:
     return (time.thread_time() - t) / len(toks)
 
 
+def measure_cpu_share(seconds: float = 0.25) -> float:
+    """The share of wall time this thread runs now (1 on an idle machine), from a loop of small
+    matmuls: the profile's rates are CPU time, and on a busy machine a run gets this share of it.
+    Measured per plan, not cached: it changes as other processes come and go."""
+    x = torch.full((64, 256), 0.01)
+    w = torch.full((256, 256), 0.01)
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    while time.perf_counter() - wall0 < seconds:
+        F.linear(x, w)
+    return min(1.0, (time.thread_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9))
+
+
 def cached_experts(source, num_layers: int, num_experts: int) -> Optional[set]:
     """The (MoE layer, expert) keys whose whole region the page cache holds now (``mincore``: asks,
     never reads); None where that cannot be told (not a packed file, no ``mincore``)."""

@@ -149,8 +149,10 @@ class ModelCost:
                    for z in _NORMAL_8) / 8
 
     def pass_time(self, s: PassShape, moved_bytes: float, prof: MachineProfile, read_bps: Optional[float],
-                  overlap: float = 1.0) -> dict:
-        """Predicted seconds of one pass, by part; ``total`` is what the pass takes."""
+                  overlap: float = 1.0, cpu_share: float = 1.0) -> dict:
+        """Predicted seconds of one pass, by part; ``total`` is what the pass takes. ``cpu_share``: the
+        share of wall time this process gets the CPU (1 on an idle machine); the profile's rates are
+        CPU time, so the compute parts take ``1 / cpu_share`` longer on the wall clock."""
         T, e = s.tokens, self.elem
         dense = sum(self.matmul_s(T, p, prof) for p in self.linears)
         experts = 0.0
@@ -169,6 +171,8 @@ class ModelCost:
                  + s.seqs * prof.seq_s)
         head = (self.matmul_s(s.rows, self.head, prof) if s.rows else 0.0) \
             + s.rows * (self.row_s + 8 * self.vocab / prof.copy_bps)
+        k = 1 / min(1.0, max(cpu_share, 0.05))
+        dense, experts, attn, other, head = dense * k, experts * k, attn * k, other * k, head * k
         compute = dense + experts + attn + other + head
         transfer = moved_bytes / read_bps if moved_bytes and read_bps else 0.0
         # expert reads run on loader threads while layers compute; ``overlap`` is the share of the
@@ -286,7 +290,8 @@ class Planner:
     def __init__(self, cost: ModelCost, profile: MachineProfile, budget: Optional[int] = None,
                  kv_budget: Optional[int] = None, slot_bytes: Optional[int] = None, min_slots: int = 0,
                  max_slots: Optional[int] = None, read_bps: Optional[float] = None, max_seqs: int = 1024,
-                 overlap: float = 0.9, transfer=None, load: Optional[tuple[float, int]] = None):
+                 overlap: float = 0.9, transfer=None, load: Optional[tuple[float, int]] = None,
+                 cpu_share: float = 1.0):
         self.cost = cost
         self.profile = profile
         self.budget = budget
@@ -299,6 +304,7 @@ class Planner:
         self.overlap = overlap  # see ModelCost.pass_time
         self.transfer = transfer  # machine.Transfer: where expert reads come from (for the explanation)
         self.load = load  # (load average, CPUs) when the plan is made: other work on the cores
+        self.cpu_share = cpu_share  # share of wall time this process got the CPU while planning
 
     @property
     def offloaded(self) -> bool:
@@ -358,7 +364,7 @@ class Planner:
         ctx = rows * ctx_dec + prefilling * Pm
         shape = PassShape(tokens=tokens, rows=rows, seqs=seqs, pairs=pairs, ctx=ctx, decode=max(0.0, seqs - prefilling))
         parts = self.cost.pass_time(shape, self.moved_per_pass(slots, tokens), self.profile, self.read_bps,
-                                    self.hidden_share(slots))
+                                    self.hidden_share(slots), self.cpu_share)
         return passes * parts["total"], passes, shape, parts
 
     def plan(self, job: Job) -> Plan:
@@ -427,6 +433,8 @@ class Planner:
                            upcast_gb_s=round(prof.upcast_bps / 1e9, 2))
         profile.update({k.removesuffix("_s") + "_us": round(getattr(prof, k) * 1e6, 1) for k in (
             "linear_call_s", "expert_call_s", "moe_call_s", "attn_group_s", "layer_s", "seq_s")})
+        if self.cpu_share < 1:
+            profile["cpu_share"] = round(self.cpu_share, 2)
         if self.read_bps:
             profile["read_gb_s"] = round(self.read_bps / 1e9, 2)
             profile["read_overlap"] = round(self.overlap, 2)
@@ -459,7 +467,9 @@ class Planner:
             avg, cpus = self.load
             if avg > cpus:
                 out.append(("busy machine", f"the machine is busy (load average {avg:.1f} on {cpus} CPUs): other "
-                            f"processes take CPU time this run needs, by an amount that changes from run to run"))
+                            f"processes take CPU time this run needs, by an amount that changes from run to run "
+                            f"(the prediction counts the {self.cpu_share:.0%} of the CPU this process got while "
+                            f"planning)"))
             if slots is not None and self.profile.threads >= cpus:
                 out.append(("torch threads take every CPU", f"torch runs {self.profile.threads} threads on {cpus} "
                             f"CPU(s) and the expert loader threads need CPU time too (page-cache copies, "
@@ -482,4 +492,4 @@ class Planner:
     def predict_passes(self, shapes: list[PassShape], slots: Optional[int]) -> float:
         """Seconds the cost model gives to passes that actually ran (checks the model, not the plan)."""
         return sum(self.cost.pass_time(s, self.moved_per_pass(slots, s.tokens), self.profile, self.read_bps,
-                                       self.hidden_share(slots))["total"] for s in shapes)
+                                       self.hidden_share(slots), self.cpu_share)["total"] for s in shapes)
