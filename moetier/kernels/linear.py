@@ -4,9 +4,9 @@ Decode (few rows) is bound by reading the weight, so it runs on the codes: per-c
 ``torch._weight_int8pack_mm`` and int4 through ``torch._weight_int4pack_mm_for_cpu`` (each computes
 in the scales' dtype). Those kernels do not batch well (measured on an AVX-512 core: at 16 rows
 they are slower than the bf16 GEMM), so from :func:`quant_rows` rows on — probed at load, like the
-float32 threshold of bf16 weights in ``models/prepack.py`` — the weight is dequantized to float32
-and multiplied by the float32 GEMM. Grouped int8 (e.g. GGUF Q8_0 blocks) and int4 codes in an
-order this CPU's kernel does not read take that float32 path at every size.
+float32 threshold of bf16 weights in ``models/prepack.py`` — the weight is dequantized and multiplied
+by a float GEMM (:func:`wide_linear`). Grouped int8 (e.g. GGUF Q8_0 blocks) and int4 codes in an
+order this CPU's kernel does not read take that path at every size.
 
 The choice depends only on the row count and the weight's kind and layout, never on where the
 weight's bytes live, so a resident weight and a slot view of the same bytes (offloaded experts)
@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .quant import QuantScheme, QuantWeight, int4_kernel_layout, quantize
+from .quant import INT4_LAYOUTS, QuantScheme, QuantWeight, int4_kernel_layout, quantize
 
 NEVER = 1 << 62
 ROWS_ENV = "MOETIER_QUANT_ROWS"  # a fixed threshold instead of the probe; 0: always the float32 path
@@ -53,16 +53,48 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     """``F.linear(x, dequantized w, bias)`` in ``x``'s dtype; ``x`` ``[..., K]``."""
     N, K = w.shape
     rows = x.numel() // max(K, 1)
+    x2 = x.reshape(rows, K)
     if rows < quant_rows(w.kind, torch.get_num_threads()) and has_kernel(w):
-        y = kernel_linear(x.reshape(rows, K).to(w.dtype).contiguous(), w).view(*x.shape[:-1], N).to(x.dtype)
-        return y if bias is None else y + bias
-    y = F.linear(x.float(), w.dequantize(torch.float32), None if bias is None else bias.float())
-    return y.to(x.dtype)
+        y = kernel_linear(x2.to(w.dtype).contiguous(), w).to(x.dtype)
+    else:
+        y = wide_linear(x2, w)
+    y = y.view(*x.shape[:-1], N)
+    return y if bias is None else y + bias
+
+
+def wide_linear(x2: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """Many rows ``x2`` ``[M, K]``: dequantize and use a float GEMM -> ``[M, N]`` in ``x2``'s dtype.
+
+    Per-channel int8: the codes, exact in any float dtype, through the plain-weight ``linear`` in
+    ``x``'s dtype (bf16 on AMX, float32 from ``upcast_rows`` elsewhere: models/prepack.py), then the
+    per-row scales on the output. int4 in a split code order: unpacked block by block straight
+    into float32 ``[N / b, K, b]`` slices (the transposed weight), one batched float32 GEMM. Else
+    the weight is dequantized to float32."""
+    from ..models.prepack import linear
+
+    N, K = w.shape
+    dt = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    if w.kind == "int8" and w.group_size == K:
+        return (linear(x2.to(dt), w.codes.to(dt)) * w.scales.view(N).to(dt)).to(x2.dtype)
+    if w.kind == "int4" and INT4_LAYOUTS[w.layout][1] and N % INT4_LAYOUTS[w.layout][0] == 0:
+        b = INT4_LAYOUTS[w.layout][0]
+        G, NB = w.group_size, N // b
+        packed = w.codes.reshape(NB, K, b // 2)
+        wt = torch.empty(NB, K, b, device=w.codes.device)  # [N/b, K, b]: block i holds rows i*b .. i*b+b-1, transposed
+        wt[..., : b // 2].copy_(packed & 15)
+        wt[..., b // 2 :].copy_(packed >> 4)
+        sz = w.scales.float().view(K // G, NB, 1, b, 2).permute(1, 0, 2, 3, 4)  # [N/b, K/G, 1, b, 2]
+        scale = sz[..., 0].contiguous()
+        offset = (sz[..., 1] - 8 * sz[..., 0]).contiguous()  # (q - 8) * scale + zero = q * scale + offset
+        wt.view(NB, K // G, G, b).mul_(scale).add_(offset)
+        y = torch.matmul(x2.float(), wt)  # [N/b, M, b]
+        return y.permute(1, 0, 2).reshape(x2.shape[0], N).to(x2.dtype)
+    return F.linear(x2.float(), w.dequantize(torch.float32)).to(x2.dtype)
 
 
 @functools.lru_cache(maxsize=None)
 def quant_rows(kind: str, threads: int) -> int:
-    """Rows from which a ``kind`` weight runs faster dequantized in float32 than on its int kernel here,
+    """Rows from which a ``kind`` weight runs faster dequantized (:func:`wide_linear`) than on its int kernel here,
     with ``threads`` threads: timed on a [1536, 1024] bf16-scaled weight at 1, 2, 4, ... rows up to the
     first count where the float32 path wins. Well under a second, once per process per kind;
     ``MOETIER_QUANT_ROWS`` fixes the value instead (0: never the int kernel)."""
@@ -90,7 +122,7 @@ def quant_rows(kind: str, threads: int) -> int:
     with torch.inference_mode():
         for rows in PROBE_ROWS:
             x = torch.randn(rows, 1024, generator=g).to(torch.bfloat16)
-            wide = median_s(lambda: F.linear(x.float(), w.dequantize(torch.float32)).to(x.dtype))
+            wide = median_s(lambda: wide_linear(x, w))
             if wide < median_s(lambda: kernel_linear(x, w)):
                 return rows
     return NEVER
