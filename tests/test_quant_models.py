@@ -198,3 +198,24 @@ def test_cli_convert_quantized(tmp_path, capsys):
     assert "int4 group size must be one of" in capsys.readouterr().err
     assert cli_main(["generate", "--model", str(out), "--prompt", "12+34=", "--max-tokens", "4"]) == 0
     assert "46" in capsys.readouterr().out
+
+
+def test_planner_sizes_and_times_quantized_experts(tmp_path, monkeypatch):
+    from moetier.kernels import linear as qlinear
+    from moetier.runtime.planner import ModelCost
+    from tiny import fixed_machine_profile
+
+    monkeypatch.setenv(qlinear.ROWS_ENV, "8")  # int kernel below 8 rows, whatever this machine's probe says
+    qlinear.quant_rows.cache_clear()
+    try:
+        with LLM("demo", quantization="int4", expert_slots=8, offload_dir=tmp_path) as llm:
+            layout = llm.engine.offload.store.layout
+            cost = ModelCost.of(llm.model, layout)
+        assert cost.expert_quant[0] == "int4" and cost.expert_bytes == layout.nbytes
+        prof, P = fixed_machine_profile(), cost.expert_params
+        plain = cost.matmul_s(1, P, prof)  # float32 weights: 4 bytes a parameter streamed
+        assert cost.matmul_s(1, P, prof, quant=cost.expert_quant) < plain / 2
+        # the wide path dequantizes: never cheaper than streaming the codes at one row
+        assert cost.matmul_s(8, P, prof, quant=cost.expert_quant) > cost.matmul_s(1, P, prof, quant=cost.expert_quant)
+    finally:
+        qlinear.quant_rows.cache_clear()

@@ -34,6 +34,9 @@ from .machine import MachineProfile
 
 # the standard normal's quantiles at (i + 0.5) / 8: eight equally likely points of a spread
 _NORMAL_8 = (-1.534, -0.887, -0.489, -0.157, 0.157, 0.489, 0.887, 1.534)
+# compute rate of the int8 / int4 CPU kernels relative to the bf16 matmul at a few rows (kernels/linear.py);
+# measured on an AVX-512 BF16 + AMX core: both grow ~linearly in rows, at about a quarter of bf16's rate
+QUANT_FLOPS_SHARE = {"int8": 0.25, "int4": 0.25}
 CHUNKS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # prompt tokens per pass the planner tries
 
 
@@ -71,6 +74,7 @@ class ModelCost:
     elem: int  # bytes per weight / activation element
     dense_bytes: int  # resident weights (the experts too when they are not offloaded)
     row_s: float = 2e-5  # per sampled token: sampler, detokenizer, stop rules (measured by the planner)
+    expert_quant: Optional[tuple[str, float]] = None  # quantized experts: (kind, region bytes per parameter)
 
     @classmethod
     def of(cls, model, expert_layout=None) -> "ModelCost":
@@ -93,8 +97,10 @@ class ModelCost:
                 per = expert_layout.gate_up[0] * expert_layout.gate_up[1] + expert_layout.down[0] * expert_layout.down[1]
             else:
                 per = ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()
+            qlayout = expert_layout if hasattr(expert_layout, "kind") else getattr(ex, "quant_layout", None)
+            quant = (qlayout.kind, qlayout.nbytes / per) if qlayout is not None else None
         else:
-            E, k, per = 1, 1, 0
+            E, k, per, quant = 1, 1, 0, None
         hq = args.num_attention_heads
         if getattr(args, "kv_lora_rank", None):
             dqk, dv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
@@ -103,10 +109,12 @@ class ModelCost:
         return cls(linears=linears, head=head, moe_layers=len(blocks), experts=E, top_k=k, expert_params=per,
                    layers=args.num_hidden_layers, hidden=args.hidden_size, vocab=args.vocab_size,
                    attn_flops_per_pair=2.0 * hq * (dqk + dv), kv_bytes_per_token=kv_bytes_per_token(args, p.dtype),
-                   elem=p.dtype.itemsize, dense_bytes=dense_bytes(model))
+                   elem=p.dtype.itemsize, dense_bytes=dense_bytes(model), expert_quant=quant)
 
     @property
     def expert_bytes(self) -> int:
+        if self.expert_quant is not None:  # the quantized region, as the store reads it
+            return int(self.expert_params * self.expert_quant[1])
         return self.expert_params * self.elem
 
     def experts_hit(self, tokens: float) -> float:
@@ -124,14 +132,29 @@ class ModelCost:
                      + e * 3 * inter * 2 * k / max(self.experts, 1))
         return int(1.25 * (tokens * per_token + rows * self.vocab * 8))
 
-    def matmul_s(self, rows: float, params: int, prof: MachineProfile, calls: int = 1) -> float:
+    def matmul_s(self, rows: float, params: int, prof: MachineProfile, calls: int = 1,
+                 quant: Optional[tuple[str, float]] = None) -> float:
         """Seconds of ``rows`` rows through a weight of ``params`` parameters, in ``calls`` matmul calls
         (an expert: two). The bf16/float32 kernels pay a fixed cost per call, stream the weight once
         and do 2 x rows x params FLOPs, times that add on CPUs at the few-to-hundreds of rows a pass
         has; from ``wide_rows`` on, bf16 converts the weight to float32 and multiplies at the float32
         rate instead (models/prepack.py). The one place a kernel's rates enter the model: another
-        kernel (quantized weights) adds its own branch here."""
+        kernel (quantized weights) adds its own branch here.
+
+        ``quant`` (kind, bytes per parameter): below ``kernels.linear.quant_rows`` rows the int kernel
+        streams the codes and computes at :data:`QUANT_FLOPS_SHARE` of the bf16 matmul rate (they batch
+        poorly); from there the weight is dequantized (float32 written at ``upcast_bps``) and multiplied
+        at the float32 rate (kernels/linear.py)."""
         fixed = calls * prof.linear_call_s
+        if quant is not None:
+            from ..kernels.linear import quant_rows
+
+            kind, bpp = quant
+            if rows < quant_rows(kind, prof.threads):
+                return fixed + params * bpp / prof.stream_bps + 2 * rows * params / (
+                    prof.matmul_flops * QUANT_FLOPS_SHARE[kind])
+            wide = prof.wide_flops or prof.matmul_flops
+            return fixed + params * 4 / (prof.upcast_bps or prof.stream_bps) + 2 * rows * params / wide
         if prof.wide_rows and rows >= prof.wide_rows:
             return fixed + 2 * rows * params / prof.wide_flops + params * self.elem / prof.upcast_bps
         return fixed + 2 * rows * params / prof.matmul_flops + params * self.elem / prof.stream_bps
@@ -142,11 +165,11 @@ class ModelCost:
         short of it): averaged over eight equally likely row counts of the binomial spread of
         ``tokens`` tokens choosing ``top_k`` of ``experts`` experts (uniform routing)."""
         if not prof.wide_rows:
-            return self.matmul_s(mean_rows, self.expert_params, prof, calls=2)
+            return self.matmul_s(mean_rows, self.expert_params, prof, calls=2, quant=self.expert_quant)
         p = min(self.top_k / max(self.experts, 1), 1.0)
         sd = math.sqrt(tokens * p * (1 - p))
-        return sum(self.matmul_s(max(mean_rows + z * sd, 1.0), self.expert_params, prof, calls=2)
-                   for z in _NORMAL_8) / 8
+        return sum(self.matmul_s(max(mean_rows + z * sd, 1.0), self.expert_params, prof, calls=2,
+                                 quant=self.expert_quant) for z in _NORMAL_8) / 8
 
     def pass_time(self, s: PassShape, moved_bytes: float, prof: MachineProfile, read_bps: Optional[float],
                   overlap: float = 1.0, cpu_share: float = 1.0) -> dict:
