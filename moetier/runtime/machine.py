@@ -1,10 +1,13 @@
 """This machine's rates, measured by small timed probes and cached per machine.
 
 :class:`MachineProfile` times a matmul, a skinny (weight-streaming) matmul, a memory copy, an
-attention call and a small op (well under 2 s on an idle machine) once per machine, thread count
-and dtype, and caches them as JSON under ``~/.cache/moetier/machine.json``. The rates that depend
-on the model or on where its experts rest (per-token bookkeeping with its tokenizer, expert reads
-from its packed file, whose speed also depends on the page cache) are measured per model.
+attention call, a small op and the fixed costs of moetier's own code paths (a matmul call, a
+routed expert, a MoE layer, a pooled decode attention, a layer; well under 2 s on an idle machine)
+once per machine, thread count and dtype, in the probing thread's CPU time on the CPU, and caches
+them as JSON under ``~/.cache/moetier/machine.json``. The rates that depend on the model or on
+where its experts rest (per-token bookkeeping with its tokenizer, expert reads from its packed
+file, whose speed also depends on the page cache) are measured per model, and the share of the CPU
+this process gets on a busy machine per plan.
 """
 
 from __future__ import annotations
