@@ -63,7 +63,10 @@ def big(tmp_path_factory):
     if not ok:
         pytest.skip(f"no writable memory cgroup on this machine: {why}")
     torch.set_num_threads(1)
-    folder = make_checkpoint(tmp_path_factory.mktemp("ram"), "mixtral", CONFIG)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # make_checkpoint draws every parameter itself; skip transformers' init (seconds)
+        folder = make_checkpoint(tmp_path_factory.mktemp("ram"), "mixtral", CONFIG)
     with torch.no_grad():
         ref = LLM(folder).generate([{"prompt_token_ids": PROMPT}],
                                    SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))
