@@ -324,8 +324,9 @@ class PackedCheckpoint:
         One read: O_DIRECT when ``out`` is 4 KiB-aligned and holds ``read_nbytes`` (else as much
         of it as is aligned), from the page cache when the bytes are there. With ``verify``, the
         region's CRC-32 is checked right after, in the calling (loader) thread; a mismatch is a
-        CheckpointError naming the file, layer and expert. (Reading in pieces to check one while
-        the next is read was slower: a single large O_DIRECT read keeps more requests in flight.)
+        CheckpointError naming the file, layer and expert. (Reading in pieces, one after another
+        or several at once on more threads, to check some while others are read was slower on a
+        2-core machine; the store's loader threads overlap the checks with the other reads.)
         """
         r = self.expert_region(layer, expert)
         if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < r.nbytes:
