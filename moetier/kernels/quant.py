@@ -209,7 +209,8 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, dtype: Optional[torch.dtype] 
     if scheme.kind == "int8":
         scale = (wg.abs().amax(dim=-1) / 127).to(dtype)  # [N, K/G]
         s = scale.float()[..., None]
-        q = torch.where(s > 0, wg / torch.where(s > 0, s, 1), 0).round().clamp_(-127, 127).to(torch.int8)
+        # an all-zero group has scale 0: divide by 1 there (its codes are 0 either way)
+        q = (wg / torch.where(s > 0, s, 1)).round_().clamp_(-127, 127).to(torch.int8)
         return QuantWeight("int8", (N, K), G, q.reshape(N, K), scale)
     if scheme.kind == "int4":
         if N % 2:
@@ -218,7 +219,8 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, dtype: Optional[torch.dtype] 
         scale = ((hi - lo) / 15).to(dtype)
         zero = (lo + 8 * scale.float()).to(dtype)
         s, z = scale.float()[..., None], zero.float()[..., None]
-        q = torch.where(s > 0, (wg - z) / torch.where(s > 0, s, 1), 0).round().add_(8).clamp_(0, 15)
+        # a constant group has scale 0 and w - zero = 0 (zero = min): code 8, dequantized to zero = w
+        q = (wg - z).div_(torch.where(s > 0, s, 1)).round_().add_(8).clamp_(0, 15)
         layout = layout or machine_int4_layout()
         codes = pack_int4(q.reshape(N, K).to(torch.uint8), layout)
         sz = torch.stack([scale, zero], dim=-1).permute(1, 0, 2).contiguous()  # [K/G, N, 2]
