@@ -73,7 +73,9 @@ class Rotary(nn.Module):
     """Rotary position embedding with a lazily grown cos/sin table.
 
     ``interleaved`` rotates adjacent pairs (DeepSeek-V3 ``rope_interleave``)
-    instead of the two halves of the head.
+    instead of the two halves of the head. Layers with the same rotary settings share one
+    table, and the angles of a step's positions are gathered once for all of them (see
+    :class:`_RopeTable`): at decode that is one gather per step instead of four per layer.
     """
 
     def __init__(self, dim: int, rope: RopeArgs, max_pos: int, interleaved: bool = False):
@@ -82,35 +84,84 @@ class Rotary(nn.Module):
         self.rope = rope
         self.max_pos = max_pos
         self.interleaved = interleaved
-        self._cos = self._sin = None  # [pos, d] float32, built on first use (the model is built on meta)
+        self._key = (dim, rope.theta, rope.kind, rope.factor, repr(sorted(rope.params.items())), max_pos)
 
     def _table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.shape[0] < n or self._cos.device != torch.device(device):
-            size = max(n, 2 * (self._cos.shape[0] if self._cos is not None else 256))
-            if self.rope.kind == "yarn":
-                inv_freq, scale = _yarn_inv_freq(self.rope, self.dim, self.max_pos)
-            else:
-                idx = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float()
-                inv_freq, scale = 1.0 / (self.rope.theta ** (idx / self.dim)), 1.0
-                if self.rope.kind == "linear":
-                    inv_freq = inv_freq / self.rope.factor
-            t = torch.arange(size, dtype=torch.float32, device="cpu")
-            freqs = torch.outer(t, inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos = (emb.cos() * scale).to(device)
-            self._sin = (emb.sin() * scale).to(device)
-        return self._cos, self._sin
+        """The shared ``[pos, d]`` float32 cos and sin tables, at least ``n`` positions."""
+        return _RopeTable.get(self._key, device).grown(self, n)
+
+    def _build(self, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope.kind == "yarn":
+            inv_freq, scale = _yarn_inv_freq(self.rope, self.dim, self.max_pos)
+        else:
+            idx = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float()
+            inv_freq, scale = 1.0 / (self.rope.theta ** (idx / self.dim)), 1.0
+            if self.rope.kind == "linear":
+                inv_freq = inv_freq / self.rope.factor
+        t = torch.arange(size, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(device), (emb.sin() * scale).to(device)
+
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions`` ``[T]``, each ``[T, 1, d]`` in ``dtype`` (memoised per step);
+        the first half of sin negated, as :meth:`forward` uses it."""
+        return _RopeTable.get(self._key, positions.device).angles(self, positions, dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` ``[T, h, d]`` by the angles of ``positions`` ``[T]``."""
-        cos, sin = self._table(int(positions.max()) + 1, x.device)
-        cos = cos[positions].to(x.dtype)[:, None, :]  # [T, 1, d]
-        sin = sin[positions].to(x.dtype)[:, None, :]
+        cos, sin = self.angles(positions, x.dtype)
         if self.interleaved:
             t, h, d = x.shape
             x = x.view(t, h, d // 2, 2).transpose(-1, -2).reshape(t, h, d)
-        x1, x2 = x[..., : self.dim // 2], x[..., self.dim // 2 :]
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        # x * cos + cat(-x2, x1) * sin, with the sign folded into sin (negation is exact, so the
+        # products are the same numbers): rolling by half the head swaps the halves in one op
+        return x * cos + x.roll(self.dim // 2, -1) * sin
+
+
+class _RopeTable:
+    """The cos/sin tables of one rotary setting on one device, and the angles of the last positions.
+
+    Every layer's :class:`Rotary` rotates by the same step's ``positions`` tensor (the batch's), so the
+    gather ``cos[positions].to(dtype)`` is done by the first and reused by the rest, recognised by the
+    tensor's identity (the entry holds a reference to it, so the id cannot be reused meanwhile).
+    Entries are replaced whole (one assignment), so concurrent engines at worst recompute.
+    """
+
+    _all: dict = {}
+
+    def __init__(self, device):
+        self.device = device
+        self.cos = self.sin = None  # [pos, d] float32
+        self.last = None  # (positions, dtype, cos [T, 1, d], sin [T, 1, d])
+
+    @classmethod
+    def get(cls, key, device) -> "_RopeTable":
+        device = torch.device(device)
+        table = cls._all.get((key, device))
+        if table is None:
+            table = cls._all.setdefault((key, device), cls(device))
+        return table
+
+    def grown(self, rotary: Rotary, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos, self.sin
+        if cos is None or cos.shape[0] < n:
+            size = max(n, 2 * (cos.shape[0] if cos is not None else 256))
+            cos, sin = rotary._build(size, self.device)
+            self.cos, self.sin = cos, sin
+        return cos, sin
+
+    def angles(self, rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype):
+        last = self.last
+        if last is not None and last[0] is positions and last[1] == dtype:
+            return last[2], last[3]
+        cos, sin = self.grown(rotary, int(positions.max()) + 1)
+        cos = cos[positions].to(dtype)[:, None, :]  # [T, 1, d]
+        sin = sin[positions].to(dtype)[:, None, :]
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        self.last = (positions, dtype, cos, sin)
+        return cos, sin
 
 
 def attend(
@@ -152,6 +203,10 @@ def attend_batch(
     (decoding) attend together in one padded call (see ``ForwardBatch.decode_group``);
     the others (prompt chunks) attend one by one.
     """
+    if len(batch.lengths) == 1:  # one sequence (batch-1 decode, a lone prompt): attend in place
+        parts = [t.transpose(0, 1) for t in kv]  # each [hk, T, d]
+        k_all, v_all = batch.caches[0].write(layer, batch.starts[0], *parts)
+        return attend(q.transpose(0, 1), k_all, v_all, batch.starts[0], scale, window)
     group = batch.decode_group()
     if group is not None and window and group.length > 2 * window:
         group = None  # most of each cache is outside the window: per sequence, only the window is read

@@ -139,8 +139,9 @@ class ExpertsBase(nn.Module):
         T, k = ids.shape
         if T == 1:  # decode at batch 1: no gather, no scatter
             out = None
-            for j, e in enumerate(ids[0].tolist()):
-                y = self.expert(e, x).float() * weights[0, j]
+            # python floats: the same float32 products as weights[0, j], without a select per expert
+            for e, w in zip(ids.tolist()[0], weights.tolist()[0]):
+                y = self.expert(e, x).float() * w
                 out = y if out is None else out + y
             return out.to(x.dtype)
         flat = ids.reshape(-1)  # [T*k] token-slots, token-major
