@@ -205,7 +205,7 @@ def test_eio_is_an_error_naming_file_and_expert(copy, monkeypatch, direct):
         os.close(fd)
         monkeypatch.setattr(direct_io.os, "preadv", eio)
         with pytest.raises(CheckpointError, match=r"weights-00001\.bin: cannot read tensor 'model\.layers\.\d\.mlp"
-                                                  r"\.experts\[\d\]' \(expert \d of layer \d\) \(\[Errno 5\]"):
+                                                  r"\.experts\[\d\]' \(expert \d of layer \d\) \(bytes \d+\.\.\d+: \[Errno 5\]"):
             llm.generate([PROMPT], GREEDY, use_tqdm=False)
         monkeypatch.setattr(direct_io.os, "preadv", real_preadv)
     if direct and not any(failed):
@@ -217,7 +217,9 @@ def test_eio_is_an_error_naming_file_and_expert(copy, monkeypatch, direct):
 
 
 def test_server_fails_the_request_and_keeps_serving(copy, clean):
-    from live_server import LiveServer, raw_call
+    import http.client
+
+    from live_server import KEY, LiveServer, raw_call
 
     damage(copy)
     # 8 MiB is less than either folder's weights: both are served offloaded (the damage is in experts)
@@ -233,6 +235,14 @@ def test_server_fails_the_request_and_keeps_serving(copy, clean):
         assert status == 200 and got["choices"][0]["text"].strip() == "46"
         status, got = raw_call(srv, "POST", "/v1/completions", body)  # the bad model fails again, the same way
         assert status == 500 and got["error"]["code"] == "checkpoint_error"
+        # streamed: the headers are out when the step fails, so the error comes as the stream's last event
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps({**json.loads(body), "stream": True}),
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        events = [x[6:] for x in conn.getresponse().read().decode().split("\n\n") if x.startswith("data: ")]
+        conn.close()
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "checkpoint_error"
+        assert re.search(_expert_error(), json.loads(events[-2])["error"]["message"])
         assert srv.proc.poll() is None and srv.health()["status"] == "ok"
     finally:
         srv.stop()

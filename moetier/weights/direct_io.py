@@ -64,6 +64,11 @@ def _truncated(path: Path, what: str, offset: int, length: int) -> CheckpointErr
     return CheckpointError(f"{path}: truncated: {what} needs bytes {offset}..{offset + length} but {size}")
 
 
+def _failed(path: Path, what: str, offset: int, length: int, e: OSError) -> CheckpointError:
+    """A read the OS refused (EIO from a failing disk...): the file, the tensor and the bytes."""
+    return CheckpointError(f"{path}: cannot read {what} (bytes {offset}..{offset + length}: {e})")
+
+
 class PageCache:
     """Which pages of a file the page cache holds: ``mincore`` on a read-only mapping (never reads).
 
@@ -223,7 +228,7 @@ class FileReader:
             try:
                 k = _pread_full(f.fd, v, offset + got)
             except OSError as e:
-                raise CheckpointError(f"{path}: cannot read {what} ({e})") from e
+                raise _failed(path, what, offset + got, len(v), e) from e
             got += k
             if k < len(v):
                 break
@@ -249,7 +254,7 @@ class FileReader:
                     got = _pread_full(f.direct_fd, view[done : done + want], offset + done) if want else 0
                 except OSError as e:
                     if e.errno != errno.EINVAL:
-                        raise CheckpointError(f"{path}: cannot read {what} ({e})") from e
+                        raise _failed(path, what, offset + done, want, e) from e
                     log.debug("O_DIRECT read failed for %s (%s); using buffered reads", path, e)
                     with self._lock:
                         if f.direct_fd is not None:
@@ -277,7 +282,7 @@ class FileReader:
                 got += n
         except OSError as e:
             if e.errno != errno.EINVAL or got:
-                raise CheckpointError(f"{path}: cannot read {what} ({e})") from e
+                raise _failed(path, what, offset + got, want - got, e) from e
             log.debug("O_DIRECT read failed for %s (%s); using buffered reads", path, e)
             with self._lock:
                 if f.direct_fd is not None:
@@ -292,7 +297,7 @@ class FileReader:
             try:
                 got = _pread_full(fd, v, pos)
             except OSError as e:
-                raise CheckpointError(f"{path}: cannot read {what} ({e})") from e
+                raise _failed(path, what, pos, len(v), e) from e
             if got < len(v):
                 raise _truncated(path, what, offset, sum(len(x) for x in views))
             pos += got
