@@ -294,3 +294,42 @@ def test_cli_batch_on_a_corrupt_checkpoint_exits_1(copy, tmp_path, capsys):
     # with the checks off the job runs (on the damaged bytes) and exits 0
     assert main(["batch", "--model", str(copy), "--device-memory", "6MiB", "--input", str(inp),
                  "--output", str(tmp_path / "off.jsonl"), "--quiet", "--verify", "off"]) == 0
+
+
+def test_a_failed_step_fails_its_requests_and_the_waiting_ones_run(clean, monkeypatch):
+    """The server's engine thread: a read error (one EIO) fails the request whose step needed the
+    expert; a request still waiting then runs and gets the right answer."""
+    from moetier.serve.worker import EngineWorker
+
+    llm = LLM(clean, expert_slots=8, prefetch="none", max_num_seqs=1)  # one sequence per step
+    real, failures = os.preadv, []
+
+    def eio_once(fd, buffers, offset, *rest):
+        if not failures and os.readlink(f"/proc/self/fd/{fd}").startswith(str(clean)):
+            failures.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset, *rest)
+
+    monkeypatch.setattr(direct_io.os, "preadv", eio_once)
+    worker = EngineWorker(llm)
+    ids = llm.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    _, first = worker.submit(ids, params)
+    _, second = worker.submit(ids, params)  # both queued before the engine thread starts: one step, one waits
+    worker.start()
+    def messages(q) -> list:
+        out = [q.get(timeout=60)]
+        while out[-1][0] not in ("done", "error"):
+            out.append(q.get(timeout=60))
+        return out
+
+    try:
+        got = messages(first)
+        assert [k for k, _ in got] == ["started", "error"]
+        assert isinstance(got[-1][1], CheckpointError) and "Errno 5" in str(got[-1][1])
+        got = messages(second)
+        assert got[0][0] == "started" and got[-1][0] == "done", got
+        assert got[-1][1][0].text.strip() == "46"
+    finally:
+        worker.stop(wait=30)
+        llm.close()

@@ -115,11 +115,14 @@ class EngineWorker:
             try:
                 events = engine.step()
             except Exception as e:  # a failed step fails the requests in it, not the server
+                # (a damaged checkpoint: a CheckpointError naming the file, layer and expert). The
+                # sequences of the step are still engine.running; those still waiting run later.
                 log.exception("engine step failed")
-                for rid, live in list(self._live.items()):
+                for rid in {s.request_id for s in engine.running}:
                     engine.abort(rid)
-                    live.out.put(("error", e))
-                self._live.clear()
+                    live = self._live.pop(rid, None)
+                    if live is not None:
+                        live.out.put(("error", e))
                 continue
             for ev in events:
                 live = self._live.get(ev.seq.request_id)
