@@ -333,3 +333,31 @@ def test_a_failed_step_fails_its_requests_and_the_waiting_ones_run(clean, monkey
     finally:
         worker.stop(wait=30)
         llm.close()
+
+
+def test_host_tier_keeps_no_damaged_expert(copy):
+    """Through the host tier (disk > host > slot): the damaged expert's read fails, the host tier
+    does not hold it, and once repaired the same store serves it."""
+    import torch
+
+    from moetier.experts.cache import LRUPolicy
+    from moetier.experts.sources import PackedSource
+    from moetier.experts.store import ExpertStore
+    from moetier.weights.packed import PackedCheckpoint
+
+    saved = damage(copy)
+    with PackedCheckpoint(copy) as ck:
+        store = ExpertStore(PackedSource(ck, [0, 1, 2, 3]), num_slots=8, policy=LRUPolicy(), threads=2, host_slots=4)
+        try:
+            assert store.acquire(0, [3])  # an undamaged layer
+            store.release(0)
+            with pytest.raises(CheckpointError, match=_expert_error()):
+                store.acquire(LAYER, [2])
+            assert not store.host.holds((LAYER, 2)) and (LAYER, 2) not in store.resident()
+            repair(saved)
+            gu, dn = store.acquire(LAYER, [2])[2]
+            want_gu, want_dn = ck.read_expert(LAYER, 2, verify=True)
+            assert torch.equal(gu, want_gu) and torch.equal(dn, want_dn)
+            store.release(LAYER)
+        finally:
+            store.close()
