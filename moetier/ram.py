@@ -5,6 +5,8 @@ The limit is the memory cgroup's where there is one (cgroup v2 ``memory.max``, v
 it), else the RAM the kernel calls available (``MemAvailable``); where both exist, the
 smaller. Either counts page cache as well as the process, which is how moetier keeps within
 it: experts are read with O_DIRECT, conversion drops what it reads and writes from the cache.
+A cgroup's limit is shared by every process in the group: ``auto`` assumes moetier is alone in
+it (give a size where it is not).
 
 A budget does not count the process itself: the interpreter, torch and its libraries (their
 code pages are page cache too), the tokenizer, activations and I/O buffers. A budget of B on the
