@@ -39,8 +39,8 @@ requests (other prompts) before the timed one, which fill the library and the ca
 each of ``--ram-budgets``, llama.cpp's mmap through llama-cpp-python, accelerate) inside a memory
 cgroup of SIZE (bench/cgroup.py; needs root or a delegated cgroup), conversion included:
 
-    python bench/latency.py --layers 16 --ram-limit 2GiB --rounds 2 --new-tokens 16 --warmup-requests 1 \
-        --acc-tokens 4 --gguf-converter llama_cpp_python-0.3.36.tar.gz
+    python bench/latency.py --layers 16 --ram-limit 2GiB --rounds 3 --new-tokens 16 --warmup-requests 1 \
+        --warmup-tokens 4 --acc-tokens 4 --gguf-converter llama_cpp_python-0.3.36.tar.gz     # ~10 min
 """
 
 from __future__ import annotations

@@ -54,6 +54,11 @@ def run(args, script: str, folder: Path, prompt_ids) -> dict:
     from moetier.experts.setup import packed_cache_dir
     from moetier.units import parse_size
 
+    from cgroup import cgroup_support
+
+    ok, why = cgroup_support()
+    if not ok:
+        raise SystemExit(f"--ram-limit needs a memory cgroup it can create (root, or a delegated subtree): {why}")
     t_start = time.perf_counter()
     limit = parse_size(args.ram_limit)
     synthetic_checkpoint(folder, "mixtral", mixtral_config(args), dtype=torch.bfloat16)
