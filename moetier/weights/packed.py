@@ -33,7 +33,8 @@ The index (JSON)::
                              "shape": [H, I]}]}]}
 
 ``checksum`` is the CRC-32 (zlib) of the region's ``nbytes`` bytes (inner padding included, the
-padding after the region not).
+padding after the region not). Quantized tensors (``moetier convert --quant``) carry a ``quant``
+object and hold codes then scales; their index is version 2 (packed_quant.py).
 """
 
 from __future__ import annotations
