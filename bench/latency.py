@@ -486,6 +486,8 @@ def main() -> None:
                     help="with --ram-limit: llama.cpp's convert_hf_to_gguf.py, its folder, or the llama-cpp-python "
                          "sdist (default: $LLAMA_CPP_CONVERTER)")
     ap.add_argument("--skip-llama", action="store_true", help="with --ram-limit: no llama.cpp run")
+    ap.add_argument("--unlimited-refs", action="store_true",
+                    help="with --ram-limit: also moetier all-resident and llama.cpp outside the limit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 

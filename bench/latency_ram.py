@@ -6,7 +6,9 @@ with that much RAM (page cache counted, no swap; bench/cgroup.py).
   margin), the engine's default cache policy and prefetch;
 - ``llama.cpp``: the same bf16 model as a GGUF (bench/gguf_peer.py) through llama-cpp-python,
   plain mmap (the OS page cache is its expert cache), where llama-cpp-python is installed;
-- ``accelerate``: transformers + accelerate disk offload with ``max_memory={"cpu": --acc-budget}``.
+- ``accelerate``: transformers + accelerate disk offload with ``max_memory={"cpu": --acc-budget}``;
+- with ``--unlimited-refs``, outside any limit: moetier all-resident and llama.cpp with the whole
+  file cached after its warm-up, the compute floors (what the limit costs each engine).
 
 No page dropping between tokens here: the cgroup's limit is what keeps the page cache from
 holding the model. Before each worker the model files are dropped from the host's page cache,
@@ -44,6 +46,10 @@ def key(r: dict) -> str:
         return f"moetier/{r['budget']}"
     if r["what"] == "accelerate":
         return f"accelerate/{r['budget']}"
+    if r["what"] == "resident":
+        return "moetier/all-resident, no limit"
+    if r.get("unlimited"):
+        return f"{r['what']}, no limit"
     return r["what"]
 
 
@@ -71,10 +77,11 @@ def run(args, script: str, folder: Path, prompt_ids) -> dict:
 
     def spawn(spec: dict, round_: int | None = None) -> list[dict]:
         drop_file_cache(_files(folder, off, acc_off, gguf))
-        got = spawn_worker(script, spec, args.timeout, tags=("budget", "mode"), ram_limit=limit)
+        unlimited = spec.get("unlimited", False)  # a reference: the same engine with all the RAM it wants
+        got = spawn_worker(script, spec, args.timeout, tags=("budget", "mode"), ram_limit=None if unlimited else limit)
         for row in got:
             row.setdefault("budget", spec.get("budget"))
-            row["round"] = round_
+            row["round"], row["unlimited"] = round_, unlimited
             emit(row)
         return got
 
@@ -119,6 +126,10 @@ def run(args, script: str, folder: Path, prompt_ids) -> dict:
     if not args.skip_accelerate:
         specs.append({**base, "kind": "accelerate", "budget": acc_budget, "new_tokens": args.acc_tokens,
                       "offload_dir": str(acc_off)})
+    if args.unlimited_refs:  # what the limit costs each engine: moetier all-resident, llama.cpp fully cached
+        specs.append({**base, "kind": "moetier", "policy": None, "prefetch": None, "unlimited": True})
+        if llama is not None:
+            specs.append({**base, "kind": "llamacpp", "gguf": str(gguf), "mode": "mmap", "unlimited": True})
     for r in range(args.rounds):
         for spec in specs:
             rows += spawn(spec, r)
@@ -131,7 +142,7 @@ def summarize(rows: list[dict], args, limit: int, elapsed: float) -> dict:
     conv = next((r for r in rows if r["what"] == "convert"), None)
     if conv:
         s["convert"] = {k: conv.get(k) for k in ("convert_s", "peak_mib", "oom_killed", "reached_limit", "error")}
-    timed = [r for r in rows if r["what"] in ("moetier", "llama.cpp", "accelerate")]
+    timed = [r for r in rows if r["what"] in ("moetier", "llama.cpp", "accelerate", "resident")]
     groups: dict[str, list[dict]] = {}
     for r in timed:
         groups.setdefault(key(r), []).append(r)
@@ -162,6 +173,8 @@ def summarize(rows: list[dict], args, limit: int, elapsed: float) -> dict:
         for k in table:
             if k == "llama.cpp":
                 continue
+            if k.endswith("no limit"):
+                continue
             xs = [by_round[("llama.cpp", i)]["median_ms"] / by_round[(k, i)]["median_ms"]
                   for i in range(args.rounds) if (k, i) in by_round and ("llama.cpp", i) in by_round]
             if xs:
@@ -170,6 +183,9 @@ def summarize(rows: list[dict], args, limit: int, elapsed: float) -> dict:
     moe = [r for r in timed if r["what"] == "moetier" and "error" not in r]
     if moe:
         s["moetier_outputs_identical"] = len({tuple(r["tokens"]) for r in moe}) == 1
+        res = [r for r in timed if r["what"] == "resident" and "error" not in r]
+        if res:
+            s["moetier_matches_all_resident"] = all(r["tokens"] == res[0]["tokens"] for r in moe)
         lc = [r for r in timed if r["what"] == "llama.cpp" and "error" not in r]
         if lc:
             n = min(len(lc[0]["tokens"]), len(moe[0]["tokens"]))
