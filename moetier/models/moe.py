@@ -197,9 +197,13 @@ class Experts(ExpertsBase):
         return 2 * E
 
     def empty_regions(self, layout) -> torch.Tensor:
-        """``[E, slot_bytes]`` uint8, page-aligned (as the expert store's slots), for quantized regions."""
+        """``[E, slot_bytes]`` uint8 on the experts' device, page-aligned on the CPU (as the expert store's
+        slots), for quantized regions."""
         from ..weights.direct_io import aligned_buffer
 
+        device = self.gate_up_proj.device
+        if device.type != "cpu":
+            return torch.empty(self.num_experts, layout.slot_bytes, dtype=torch.uint8, device=device)
         return aligned_buffer(self.num_experts * layout.slot_bytes).view(self.num_experts, layout.slot_bytes)
 
     def install_regions(self, layout, regions: torch.Tensor) -> None:

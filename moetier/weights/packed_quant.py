@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from ..errors import CheckpointError
-from ..kernels.quant import DEFAULT_GROUP, INT4_GROUPS, INT4_LAYOUTS, KINDS, QuantError, QuantScheme, QuantSpec, quantize, spec_of
+from ..kernels.quant import (DEFAULT_GROUP, INT4_GROUPS, INT4_LAYOUTS, KINDS, QuantError, QuantScheme, QuantSpec,
+                             QuantWeight, quantize, spec_of)
 from ..kernels.region import ALIGN, QuantExpertLayout
 
 QUANT_VERSION = 2
@@ -65,19 +66,27 @@ def check_schemes(experts: Optional[QuantScheme], dense: Optional[QuantScheme], 
         raise QuantError(f"cannot quantize this checkpoint: {e}") from None
 
 
-def write_quant_dense(w, name: str, t: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> dict:
-    """One dense region: ``t`` quantized by ``scheme`` (scales in ``dtype``), codes then scales."""
-    qw = quantize(t, scheme, dtype=dtype, what=name)
+def _quantized(t, scheme: Optional[QuantScheme], dtype: torch.dtype, what: str) -> QuantWeight:
+    """``t`` as a QuantWeight: quantized by ``scheme``, or as it is when it already is one (e.g. GGUF
+    blocks carried over without re-quantizing)."""
+    return t if isinstance(t, QuantWeight) else quantize(t, scheme, dtype=dtype, what=what)
+
+
+def write_quant_dense(w, name: str, t, scheme: Optional[QuantScheme], dtype: torch.dtype) -> dict:
+    """One dense region: ``t`` (a tensor quantized by ``scheme`` with scales in ``dtype``, or a
+    QuantWeight written as it is), codes then scales."""
+    qw = _quantized(t, scheme, dtype, name)
     region, _ = w.write([[qw.codes], [qw.scales]])
     return {"name": name, **region, "dtype": str(dtype).removeprefix("torch."), "shape": list(qw.shape),
             "quant": spec_of(qw).to_json()}
 
 
-def write_quant_expert(w, lay, e: int, gate_up: torch.Tensor, down: torch.Tensor, scheme: QuantScheme,
-                       dtype: torch.dtype) -> dict:
-    """One expert region laid out as ``kernels.region.QuantExpertLayout`` (slots and resident experts too)."""
-    gu = quantize(gate_up, scheme, dtype=dtype, what=f"{lay.prefix}.gate_up_proj")
-    dn = quantize(down, scheme, dtype=dtype, what=f"{lay.prefix}.down_proj")
+def write_quant_expert(w, lay, e: int, gate_up, down, scheme: Optional[QuantScheme], dtype: torch.dtype) -> dict:
+    """One expert region laid out as ``kernels.region.QuantExpertLayout`` (slots and resident experts too).
+    ``gate_up`` ``[2I, H]`` / ``down`` ``[H, I]``: tensors quantized by ``scheme`` (scales in ``dtype``), or
+    QuantWeights written as they are. ``lay`` needs ``prefix``, ``layer``, ``gate_up`` and ``down`` (shapes)."""
+    gu = _quantized(gate_up, scheme, dtype, f"{lay.prefix}.gate_up_proj")
+    dn = _quantized(down, scheme, dtype, f"{lay.prefix}.down_proj")
     region, (gu_offset, _, down_offset, _) = w.write([[gu.codes], [gu.scales], [dn.codes], [dn.scales]])
     layout = QuantExpertLayout(spec_of(gu), spec_of(dn))
     assert down_offset == layout.down_offset and region["nbytes"] == layout.nbytes  # the writer aligns each group
