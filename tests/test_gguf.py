@@ -295,3 +295,77 @@ def test_tokenizer_choices(hf, ggufs, tmp_path):
     (tok / "tokenizer.json").write_text("{}")
     out = import_gguf(tmp_path / "novocab.gguf", tmp_path / "o3", tokenizer=tok, progress=False)
     assert (out / "tokenizer.json").read_text() == "{}"
+
+
+ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+
+
+def family_gguf(folder, family: str, path) -> None:
+    """The checkpoint's weights (as moetier loads them, float32) written as an F32 GGUF under the names
+    gguf's own TensorNameMap gives (the converter's), experts split into gate / up / down stacks."""
+    from tiny import FAMILY_CONFIGS  # noqa: F401  (the family's tiny config is the checkpoint's)
+
+    model, args, raw = load_model(folder, dtype="float32")
+    arch = ARCH[family]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], raw["num_hidden_layers"])
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.float().numpy()
+        if k.endswith("experts.gate_up_proj"):
+            half = v.shape[1] // 2
+            for part, x in (("gate_proj", v[:, :half]), ("up_proj", v[:, half:])):
+                out[names.get_name(k.replace("gate_up_proj", part)) + ".weight"] = x
+            continue
+        if k.endswith("experts.down_proj"):
+            out[names.get_name(k) + ".weight"] = v
+            continue
+        g = names.get_name(k, try_suffixes=(".weight", ".bias"))
+        assert g is not None, k
+        if family == "mixtral" and ("q_proj" in k or "k_proj" in k):
+            v = permute(v, raw["num_attention_heads"] if "q_proj" in k else raw["num_key_value_heads"])
+        out[g] = v.reshape(-1) if k.endswith("shared_expert_gate.weight") else v  # llama.cpp stores [H]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(raw["num_hidden_layers"])
+    w.add_context_length(raw["max_position_embeddings"])
+    w.add_embedding_length(raw["hidden_size"])
+    w.add_feed_forward_length(raw["intermediate_size"])
+    w.add_head_count(raw["num_attention_heads"])
+    w.add_head_count_kv(raw["num_key_value_heads"])
+    w.add_rope_freq_base(args.rope.theta)
+    w.add_layer_norm_rms_eps(args.rms_norm_eps)
+    w.add_expert_count(raw.get("num_local_experts") or raw["num_experts"])
+    w.add_expert_used_count(raw["num_experts_per_tok"])
+    w.add_vocab_size(raw["vocab_size"])
+    if "moe_intermediate_size" in raw:
+        w.add_expert_feed_forward_length(raw["moe_intermediate_size"])
+    if "shared_expert_intermediate_size" in raw:
+        w.add_expert_shared_feed_forward_length(raw["shared_expert_intermediate_size"])
+    if raw.get("head_dim"):
+        w.add_key_length(raw["head_dim"])
+        w.add_value_length(raw["head_dim"])
+    for name, t in out.items():
+        w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_each_family_imports_as_its_checkpoint(tmp_path, family):
+    from tiny import FAMILY_CONFIGS
+
+    cfg = dict(FAMILY_CONFIGS[family])
+    if family == "qwen2_moe":
+        cfg["mlp_only_layers"] = []  # llama.cpp's qwen2moe has a sparse MLP in every layer
+    folder = make_checkpoint(tmp_path / "hf", family, cfg)
+    family_gguf(folder, family, tmp_path / "m.gguf")
+    out = import_gguf(tmp_path / "m.gguf", tmp_path / "out", tokenizer="none", progress=False)
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    ours, _, _ = load_model(out, dtype="float32")
+    theirs, _, _ = load_model(folder, dtype="float32")
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    assert_logits_close(moetier_logits(ours, IDS), reference_logits(folder, IDS))

@@ -4,7 +4,8 @@ The ``gguf`` package reads the file. What is imported:
 
 - **config**: the GGUF metadata of a supported architecture becomes a ``config.json`` of the
   Hugging Face ``model_type`` (:data:`ARCHS`: llama with experts = ``mixtral``, ``qwen2moe``,
-  ``qwen3moe``, ``olmoe``; DeepSeek's ``deepseek2`` is not supported yet).
+  ``qwen3moe``, ``olmoe``; DeepSeek's ``deepseek2`` (MLA, split ``attn_k_b``/``attn_v_b``) is not
+  supported yet).
 - **tokenizer**: built from the GGUF vocabulary by transformers' GGUF converter; where that
   fails, ``tokenizer=HF_DIR`` copies one, ``tokenizer="none"`` imports without (token-id prompts).
 - **tensors**, under moetier's names: ``blk.N.ffn_{gate,up,down}_exps`` ``[E, ...]`` (or the older
@@ -172,6 +173,8 @@ def gguf_config(reader, path: Path) -> dict:
                        shared_expert_intermediate_size=get("expert_shared_feed_forward_length", 0))
         elif model_type == "qwen3_moe":
             cfg.update(architectures=["Qwen3MoeForCausalLM"], norm_topk_prob=True)
+        if get("expert_weights_norm") is not None:  # written by newer converters where it varies
+            cfg["norm_topk_prob"] = bool(get("expert_weights_norm"))
     for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         v = _field(reader, f"tokenizer.ggml.{name}")
         if v is not None:
@@ -430,7 +433,7 @@ def import_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | Non
     """Write the GGUF file ``src`` as a packed folder ``dst`` (see the module docstring); returns ``dst``.
 
     ``dtype``: the model's dtype (float weights, norms, embeddings, routers; default the file's
-    ``general.file_type`` when it is F32/F16/BF16, else bfloat16). ``tokenizer``: None (from the GGUF
+    ``general.file_type`` when it is F32/F16/BF16, else the embeddings' type if float, else bfloat16). ``tokenizer``: None (from the GGUF
     vocabulary), a folder to copy one from, or ``"none"``. ``quant`` / ``group_size`` (experts) and
     ``quant_dense`` (attention, LM head): None keeps each tensor's GGUF kind; ``"int8"``/``"int4"``
     re-quantize what is not already of that kind and group; ``"none"`` dequantizes to ``dtype``.
@@ -456,7 +459,8 @@ def import_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | Non
         args = family.args.from_dict(cfg)
     except ConfigError as e:
         raise ConfigError(f"{src}: the GGUF metadata gives an unusable config: {e}") from None
-    target = parse_dtype(dtype) or _FILE_TYPE_DTYPES.get(_field(reader, "general.file_type"), torch.bfloat16)
+    embd = next((FLOATS.get(t.tensor_type.name) for t in reader.tensors if t.name == "token_embd.weight"), None)
+    target = parse_dtype(dtype) or _FILE_TYPE_DTYPES.get(_field(reader, "general.file_type")) or embd or torch.bfloat16
     cfg["dtype"] = dtype_name(target)
     with torch.device("meta"):
         expected = dict(family.build(args).named_parameters())
