@@ -44,7 +44,6 @@ from ..kernels.quant import QuantScheme, QuantWeight, int4_from_codes, int8_from
 from ..kernels.region import QuantExpertLayout
 from ..units import parse_size
 from .atomic import new_folder
-from .direct_io import round_up
 from .packed import ALIGN, FORMAT, INDEX_NAME, VERSION, _bar, dtype_name
 from .packed_quant import QUANT_VERSION
 from .packed_write import DEFAULT_MAX_FILE_SIZE, _Writer, _write_synced
@@ -467,7 +466,8 @@ def import_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | Non
     dense, layers = _plan(reader, src, cfg, expected)
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads or args.num_attention_heads
     total = sum(int(t.n_bytes) for t in reader.tensors)
-    need = 2 * total + sum(round_up(math.prod(p.shape) * target.itemsize) for p in expected.values()) // 2 + (64 << 20)
+    need = _needed_bytes(reader, target, len(dense) + sum(expected[f"{lay.prefix}.gate_up_proj"].shape[0]
+                                                          for lay in layers))
     requantized: list[str] = []
     types: dict[str, int] = {}
     for t in reader.tensors:
@@ -533,6 +533,24 @@ def import_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | Non
         if bar is not None:
             bar.close()
     return dst
+
+
+def _needed_bytes(reader, target: torch.dtype, regions: int) -> int:
+    """About what the folder will take (checked before writing): a quantized tensor at int4's 0.625 or int8's
+    1.07 bytes a weight (codes, fp16 scales), a float one (and the embeddings) in ``target``, each region
+    padded to ALIGN (an expert region: three times), plus the tokenizer and index."""
+    import gguf
+
+    need = 0
+    for t in reader.tensors:
+        n = math.prod(int(x) for x in t.shape.tolist())
+        kind = t.tensor_type.name
+        if kind in FLOATS or t.name == "token_embd.weight" or len(t.shape) < 2:
+            need += n * max(target.itemsize, FLOATS.get(kind, target).itemsize)
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            need += int(n * (0.625 if kind in ("Q4_0", "Q4_1") or 8 * size / block < 6 else 1.07))
+    return need + 3 * ALIGN * regions + (64 << 20)
 
 
 def _expert_rows(t, e: int) -> Rows:
