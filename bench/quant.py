@@ -31,6 +31,7 @@ Three parts (``--only`` picks some):
 
     python bench/quant.py                         # everything (about 15 min on 2 cores)
     python bench/quant.py --only decode --batch 1 --rounds 2
+    python bench/quant.py --only decode error --pairs gguf   # moetier on llama.cpp's own Q4_0 file
     python bench/quant.py --only offload --budgets 600MiB 700MiB
 
 Machine-noise note: rates are medians of few, short requests; on a shared machine they move by
@@ -103,7 +104,12 @@ def prepare(args, layers: int, ggufs: tuple[str, ...], moetier_quants: tuple[str
         out[q] = path
     for kind in moetier_quants:
         path = args.dir / f"{name}.moetier-{kind}"
-        if not path.exists():
+        if kind == "gguf-Q4_0":  # llama.cpp's own Q4_0 file imported: the same codes on both sides
+            from moetier.weights.gguf import import_gguf
+
+            if not path.exists():
+                import_gguf(out["Q4_0"], path, progress=False)
+        elif not path.exists():
             convert(hf, path, quant=kind, quant_dense="int8", progress=False)
         out[kind] = path
     emit({"what": "prepared", "layers": layers, "seconds": round(time.perf_counter() - t0, 1),
@@ -271,7 +277,8 @@ class Worker:
 
 
 def part_decode_and_error(args, m: dict) -> dict:
-    pairs = [("bf16", "bf16", "bf16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0")]
+    pairs = [("bf16", "bf16", "bf16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0"),
+             ("gguf", "gguf-Q4_0", "Q4_0")]
     pairs = [p for p in pairs if p[0] in args.pairs]
     eval_prompts = prompts(args.eval_prompts, args.eval_len, 7)
     n_ctx = max(max(args.batch) * (args.prompt_len + args.new_tokens + 2), args.eval_len + 8)
@@ -414,7 +421,8 @@ def main() -> None:
         return worker_llama_offload(spec)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", default=["decode", "error", "offload"], choices=["decode", "error", "offload"])
-    ap.add_argument("--pairs", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"])
+    ap.add_argument("--pairs", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4", "gguf"],
+                    help="gguf: moetier on llama.cpp's Q4_0 file imported (moetier convert MODEL.gguf) vs llama.cpp on it")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
@@ -447,8 +455,10 @@ def main() -> None:
         return
     out = {}
     if "decode" in args.only or "error" in args.only:
-        want = {"bf16": ("bf16", ()), "int8": ("Q8_0", ("int8",)), "int4": ("Q4_0", ("int4",))}
-        m = prepare(args, 16, tuple(want[p][0] for p in args.pairs), tuple(k for p in args.pairs for k in want[p][1]))
+        want = {"bf16": ("bf16", ()), "int8": ("Q8_0", ("int8",)), "int4": ("Q4_0", ("int4",)),
+                "gguf": ("Q4_0", ("gguf-Q4_0",))}
+        m = prepare(args, 16, tuple(dict.fromkeys(want[p][0] for p in args.pairs)),
+                    tuple(k for p in args.pairs for k in want[p][1]))
         out.update(part_decode_and_error(args, m))
     if "offload" in args.only:
         out["offload"] = part_offload(args, prepare(args, 32, ("Q4_0",), ("int4",)))
