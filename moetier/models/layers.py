@@ -7,6 +7,7 @@ Shapes: ``T`` tokens of a step (all sequences concatenated), ``H`` hidden size,
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -85,10 +86,11 @@ class Rotary(nn.Module):
         self.max_pos = max_pos
         self.interleaved = interleaved
         self._key = (dim, rope.theta, rope.kind, rope.factor, repr(sorted(rope.params.items())), max_pos)
+        self._tables: dict = {}  # device -> its _RopeTable (held here: the registry only keeps live ones)
 
     def _table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared ``[pos, d]`` float32 cos and sin tables, at least ``n`` positions."""
-        return _RopeTable.get(self._key, device).grown(self, n)
+        return self._shared(torch.device(device)).grown(self, n)
 
     def _build(self, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope.kind == "yarn":
@@ -106,7 +108,13 @@ class Rotary(nn.Module):
     def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of ``positions`` ``[T]``, each ``[T, 1, d]`` in ``dtype`` (memoised per step);
         the first half of sin negated, as :meth:`forward` uses it."""
-        return _RopeTable.get(self._key, positions.device).angles(self, positions, dtype)
+        return self._shared(positions.device).angles(self, positions, dtype)
+
+    def _shared(self, device: torch.device) -> "_RopeTable":
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = _RopeTable.get(self._key, device)
+        return table
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` ``[T, h, d]`` by the angles of ``positions`` ``[T]``."""
@@ -128,7 +136,7 @@ class _RopeTable:
     Entries are replaced whole (one assignment), so concurrent engines at worst recompute.
     """
 
-    _all: dict = {}
+    _all: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # freed with the last model using it
 
     def __init__(self, device):
         self.device = device
@@ -136,8 +144,7 @@ class _RopeTable:
         self.last = None  # (positions, dtype, cos [T, 1, d], sin [T, 1, d])
 
     @classmethod
-    def get(cls, key, device) -> "_RopeTable":
-        device = torch.device(device)
+    def get(cls, key, device: torch.device) -> "_RopeTable":
         table = cls._all.get((key, device))
         if table is None:
             table = cls._all.setdefault((key, device), cls(device))
