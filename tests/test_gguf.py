@@ -369,3 +369,19 @@ def test_each_family_imports_as_its_checkpoint(tmp_path, family):
     for k in b:
         assert torch.equal(a[k], b[k]), k
     assert_logits_close(moetier_logits(ours, IDS), reference_logits(folder, IDS))
+
+
+def test_quant_options_requantize_what_differs(ggufs, tmp_path, caplog):
+    """--quant int8 turns Q8_0's groups of 32 into per-channel int8 (the int kernel's), --quant-dense none
+    dequantizes attention and the LM head; --quant int4 --group-size 32 on a Q4_0 file re-quantizes nothing."""
+    with caplog.at_level(logging.WARNING, logger="moetier.weights.gguf"):
+        out = import_gguf(ggufs["Q8_0"], tmp_path / "a", quant="int8", quant_dense="none", progress=False)
+    index = json.loads((out / "moetier-index.json").read_text())
+    assert index["quant"] == {"experts": {"kind": "int8", "group_size": None}, "dense": None}
+    assert "Q8_0 -> int8" in caplog.text
+    model, _, _ = load_model(out)
+    gu, _ = model.model.layers[0].mlp.experts.weights(0)
+    assert gu.group_size == CONFIG["hidden_size"]
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    out = import_gguf(ggufs["Q4_0"], tmp_path / "b", quant="int4", group_size=32, progress=False)
+    assert json.loads((out / "moetier-index.json").read_text())["source"]["requantized"] == []
