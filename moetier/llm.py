@@ -450,7 +450,7 @@ def _machine_load() -> Optional[tuple[float, int]]:
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta")
 
 
 def _progress(total: int, enabled: bool, desc: str = "Generating"):
