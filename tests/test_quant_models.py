@@ -51,6 +51,8 @@ def test_demo_int4_with_int8_dense_still_adds():
     assert isinstance(llm.model.lm_head, QuantLinear) and llm.quantization["name"] == "int4-g32+int8-dense"
     assert type(llm.model.model.layers[0].mlp.gate).__name__.endswith("Router")  # routers stay as they were
     assert evaluate(llm, items, use_tqdm=False)["accuracy"] >= 0.95
+    plain = LLM("demo")  # float32: every weight 4 bytes; int4 experts + int8 dense take under a third of that
+    assert llm.memory["device_bytes"] < plain.memory["device_bytes"] / 3
 
 
 def _signature(t: torch.Tensor) -> tuple:

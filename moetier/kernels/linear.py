@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from .quant import INT4_LAYOUTS, QuantScheme, QuantWeight, int4_kernel_layout, quantize
 
 NEVER = 1 << 62
-ROWS_ENV = "MOETIER_QUANT_ROWS"  # a fixed threshold instead of the probe; 0: always the float32 path
+ROWS_ENV = "MOETIER_QUANT_ROWS"  # a fixed threshold instead of the probe; 0: never the int kernels
 PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def has_kernel(w: QuantWeight) -> bool:
-    """Whether ``w`` has an int kernel here (else it always runs dequantized in float32)."""
+    """Whether ``w`` has an int kernel here (else every call takes :func:`wide_linear`)."""
     if not w.codes.is_cpu:
         return False
     if w.kind == "int8":
