@@ -14,7 +14,9 @@ The ``gguf`` package reads the file. What is imported:
   (``LlamaModel.permute``); that is undone here, row by row, so it is exact on quantized rows too.
 - **blocks**: ``Q8_0`` becomes int8 with group 32 and its fp16 scales, ``Q4_0`` int4 ``(d, 0)``,
   ``Q4_1`` int4 ``(d, m + 8 d)`` (``kernels/quant.py``): the codes as they are in the file, never
-  re-quantized (Q4_1's zero is rounded to fp16 once). ``F16``/``BF16``/``F32`` stay float (in the
+  re-quantized. int4 ``(scale, zero)`` pairs are stored in bfloat16 (torch's int4 CPU kernel is
+  ~70x slower with fp16 scales; rounding d costs 2^-9 relative), fp16 as in the file with
+  ``exact_scales=True`` (``--exact-scales``). ``F16``/``BF16``/``F32`` stay float (in the
   model's dtype). Any other type (``Q4_K``, ``Q6_K``, ``MXFP4``, ...) is dequantized by
   ``gguf.quants.dequantize`` and re-quantized to the nearest moetier kind: int4 group 32 below
   6 bits per weight, int8 per-channel from 6 on; a log line says which tensors were.
@@ -27,6 +29,7 @@ folder; quantized regions as packed_quant.py lays them out), tensors streamed on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -246,13 +249,15 @@ def unpermute_index(n_rows: int, n_head: int) -> torch.Tensor:
     return torch.argsort(p)
 
 
-def to_weight(r: Rows, dtype: torch.dtype, what: str):
+def to_weight(r: Rows, dtype: torch.dtype, what: str, int4_scales: torch.dtype = torch.bfloat16):
     """A 2D :class:`Rows` as what the packed folder stores: a float tensor in ``dtype``, or a QuantWeight
-    (carried block codes exactly; a re-quantized type by moetier's quantize, scales in ``dtype``)."""
+    (carried block codes exactly, int8 scales as the file's fp16, int4 ``(scale, zero)`` in ``int4_scales``;
+    a re-quantized type by moetier's quantize, scales in ``dtype``)."""
     if r.kind == "int8":
         return int8_from_codes(r.q, r.scale)
-    if r.kind == "int4":
-        return int4_from_codes(r.q, r.scale, r.offset)
+    if r.kind == "int4":  # zero = offset + 8 d in float32 (Q4_0: exactly 0), then rounded once
+        qw = int4_from_codes(r.q, r.scale.float(), r.offset.float())
+        return dataclasses.replace(qw, scales=qw.scales.to(int4_scales))
     if r.requant is not None:
         return quantize(r.w.float(), QuantScheme(r.requant), dtype=dtype, what=what)
     return r.w.to(dtype)
@@ -350,19 +355,19 @@ def _scheme(kind: Optional[str], group_size: Optional[int]):
     return "none" if kind == "none" else parse_scheme(kind, group_size)
 
 
-def _as_stored(r: Rows, target, dtype: torch.dtype, what: str, requantized: list):
+def _as_stored(r: Rows, target, dtype: torch.dtype, what: str, requantized: list, int4_scales=torch.bfloat16):
     """``r`` as the folder stores it. ``target``: None (as the file has it: carried blocks stay, other
     quantized types become the nearest kind), ``"none"`` (dequantized to ``dtype``) or a QuantScheme (blocks
     of that kind and group carried, anything else dequantized and quantized by it)."""
     if target is None:
         if r.requant is not None:
             requantized.append(f"{what} ({r.source} -> {r.requant})")
-        return to_weight(r, dtype, what)
+        return to_weight(r, dtype, what, int4_scales)
     if target == "none":
         return (r.w if r.kind == "float" else _dequant(r)).to(dtype)
     K = (r.w if r.w is not None else r.q).shape[-1]
     if r.kind == target.kind and r.scale.shape[-1] * target.group_for(K, what) == K:
-        return to_weight(r, dtype, what)
+        return to_weight(r, dtype, what, int4_scales)
     if r.kind != "float" or r.requant is not None:
         requantized.append(f"{what} ({r.source} -> {target.kind})")
     return quantize(_dequant(r), target, dtype=dtype, what=what)
@@ -428,7 +433,8 @@ def _tokenizer_files(src: Path, tokenizer: Optional[str | Path], into: Path) -> 
 def import_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None,
                 tokenizer: Optional[str | Path] = None, max_file_size: int | str = DEFAULT_MAX_FILE_SIZE,
                 force: bool = False, progress: bool = True, quant: Optional[str] = None,
-                group_size: Optional[int] = None, quant_dense: Optional[str] = None) -> Path:
+                group_size: Optional[int] = None, quant_dense: Optional[str] = None,
+                exact_scales: bool = False) -> Path:
     """Write the GGUF file ``src`` as a packed folder ``dst`` (see the module docstring); returns ``dst``.
 
     ``dtype``: the model's dtype (float weights, norms, embeddings, routers; default the file's
@@ -436,6 +442,9 @@ def import_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | Non
     vocabulary), a folder to copy one from, or ``"none"``. ``quant`` / ``group_size`` (experts) and
     ``quant_dense`` (attention, LM head): None keeps each tensor's GGUF kind; ``"int8"``/``"int4"``
     re-quantize what is not already of that kind and group; ``"none"`` dequantizes to ``dtype``.
+    ``exact_scales``: int4 blocks keep fp16 ``(d, zero)`` as in the file; by default they are rounded to
+    bfloat16 (relative 2^-9, far under a 4-bit step), because torch's int4 CPU kernel computes in the
+    scales' dtype and runs some 70x slower in float16 than in bfloat16. Codes are never changed.
     """
     from ..models import get_family
     from .loader import parse_dtype
@@ -469,6 +478,7 @@ def import_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | Non
     need = _needed_bytes(reader, target, len(dense) + sum(expected[f"{lay.prefix}.gate_up_proj"].shape[0]
                                                           for lay in layers))
     requantized: list[str] = []
+    int4_scales = torch.float16 if exact_scales else torch.bfloat16
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
@@ -489,7 +499,7 @@ def import_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | Non
                         keep = torch.float32 if family.weights.keeps_fp32(name) else target
                         w = (r.w if r.kind == "float" else _dequant(r)).to(keep).reshape(want)
                     else:
-                        w = _as_stored(r, dense_target, target, name, requantized)
+                        w = _as_stored(r, dense_target, target, name, requantized, int4_scales)
                     tensors.append(_region_entry(writer, name, w))
                     if bar is not None:
                         bar.update(int(t.n_bytes))
@@ -501,8 +511,9 @@ def import_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | Non
                             t, idx = lay.tensor(e, part)
                             rows[part] = read_rows(t) if idx is None else _expert_rows(t, idx)
                         gu = _as_stored(cat_rows(rows["gate"], rows["up"]), experts_target, target,
-                                        f"{lay.prefix}.gate_up_proj", requantized)
-                        dn = _as_stored(rows["down"], experts_target, target, f"{lay.prefix}.down_proj", requantized)
+                                        f"{lay.prefix}.gate_up_proj", requantized, int4_scales)
+                        dn = _as_stored(rows["down"], experts_target, target, f"{lay.prefix}.down_proj", requantized,
+                                        int4_scales)
                         if isinstance(gu, QuantWeight) != isinstance(dn, QuantWeight):  # one region, one form
                             fix = QuantScheme("int8")
                             gu, dn = (x if isinstance(x, QuantWeight) else quantize(x.float(), fix, dtype=target)
