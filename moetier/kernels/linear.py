@@ -17,13 +17,11 @@ sends a QuantWeight here.
 from __future__ import annotations
 
 import functools
-import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from .probe import fixed_rows, median_s
 from .quant import INT4_LAYOUTS, QuantScheme, QuantWeight, int4_kernel_layout, quantize
 
 NEVER = 1 << 62
@@ -98,26 +96,13 @@ def quant_rows(kind: str, threads: int) -> int:
     with ``threads`` threads: timed on a [1536, 1024] bf16-scaled weight at 1, 2, 4, ... rows up to the
     first count where the float32 path wins. Well under a second, once per process per kind;
     ``MOETIER_QUANT_ROWS`` fixes the value instead (0: never the int kernel)."""
-    fixed = os.environ.get(ROWS_ENV, "").strip()
-    if fixed:
-        try:
-            rows = int(fixed)
-        except ValueError:
-            raise ValueError(f"{ROWS_ENV}={fixed!r}: expected a row count (0 turns the int kernels off)") from None
+    rows = fixed_rows(ROWS_ENV, "the int kernels")
+    if rows is not None:
         return rows if rows > 0 else 0
     g = torch.Generator().manual_seed(0)
     w = quantize(torch.randn(1536, 1024, generator=g), QuantScheme(kind), dtype=torch.bfloat16)
     if not has_kernel(w):
         return 0
-
-    def median_s(fn) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
 
     with torch.inference_mode():
         for rows in PROBE_ROWS:

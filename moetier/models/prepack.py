@@ -22,15 +22,13 @@ experts still take the same path at every batch size and stay bit-identical.
 from __future__ import annotations
 
 import functools
-import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.linear import quant_linear
+from ..kernels.probe import fixed_rows, median_s
 from ..kernels.quant import QuantWeight
 
 
@@ -78,12 +76,8 @@ def upcast_rows(threads: int) -> int:
     threads (:data:`NEVER` if it never is): the bf16 kernel on a packed weight timed against
     upcasting that weight, at 512, 256, ... rows until the float32 path stops winning by 10%.
     Well under a second, once per process; ``MOETIER_UPCAST_ROWS`` fixes the value instead."""
-    fixed = os.environ.get(UPCAST_ENV, "").strip()
-    if fixed:
-        try:
-            rows = int(fixed)
-        except ValueError:
-            raise ValueError(f"{UPCAST_ENV}={fixed!r}: expected a row count (0 turns upcasting off)") from None
+    rows = fixed_rows(UPCAST_ENV, "upcasting")
+    if rows is not None:
         return rows if rows > 0 else NEVER
     if not torch.backends.mkldnn.is_available():
         return NEVER
@@ -92,20 +86,11 @@ def upcast_rows(threads: int) -> int:
     w = pack_weight(w) if supported(torch.bfloat16) else w
     kernel = _packed_linear if w.layout == torch._mkldnn else F.linear
 
-    def median_s(fn, x) -> float:
-        fn(x)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
     best = NEVER
     with torch.inference_mode():
         for rows in sorted(PROBE_ROWS, reverse=True):
             x = torch.randn(rows, 1024, generator=g).to(torch.bfloat16)
-            if median_s(lambda v: upcast_linear(v, w), x) > 0.9 * median_s(lambda v: kernel(v, w), x):
+            if median_s(lambda: upcast_linear(x, w)) > 0.9 * median_s(lambda: kernel(x, w)):
                 break
             best = rows
     return best
