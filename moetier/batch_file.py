@@ -32,13 +32,15 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 from .errors import CheckpointError, MoetierError, RequestError
+from .openai_api import check_shape, prompts_of, sampling_params, text_content
+from .openai_bodies import completion_body, completion_choice, logprobs_of, usage  # noqa: F401 - re-exported
 from .runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 RETRIED = ("checkpoint_error",)  # error codes of lines that a later run removes and runs again
-_UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty")
+_text_content = text_content
 
 
 class BadRequest(Exception):
@@ -83,74 +85,22 @@ def parse_line(text: str, line: int) -> BatchRequest:
     if not isinstance(body, dict):
         raise BadRequest("invalid_body", f"line {line}: body must be a JSON object", cid)
     kind = URLS[url]
+    if body.get("stream"):
+        raise BadRequest("invalid_body", f"line {line}: stream is not available in a batch", cid)
+    if kind == "chat" and body.get("tools"):
+        raise BadRequest("invalid_body", f"line {line}: tools are served by moetier serve, not in a batch", cid)
     try:
         _check_prompt_shape(body, kind)
         params = sampling_params(body, kind)
+        if params.structured_outputs is not None:
+            params.structured_outputs.grammar_text()  # a bad schema is this line's error, not the run's
     except (ValueError, TypeError) as e:
         raise BadRequest("invalid_body", f"line {line}: {e}", cid) from None
     return BatchRequest(line, cid, kind, body, params)
 
 
 def _check_prompt_shape(body: dict, kind: str) -> None:
-    if kind == "chat":
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("messages must be a non-empty list")
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-                raise ValueError("each message needs a role and content")
-    else:
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        ok = (isinstance(p, str) and p) or (isinstance(p, list) and p and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in p))
-        if not ok:
-            raise ValueError("prompt must be a non-empty string or list of token ids (one prompt per request)")
-
-
-def _number(body: dict, key: str, default, kind=(int, float)):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, kind):
-        raise ValueError(f"{key} must be a number, got {v!r}")
-    return v
-
-
-def sampling_params(body: dict, kind: str) -> SamplingParams:
-    """The body's sampling fields as :class:`SamplingParams` (OpenAI defaults); ValueError if invalid."""
-    for k in _UNSUPPORTED:
-        if body.get(k) not in (None, 0, 0.0, {}):
-            raise ValueError(f"{k} is not supported")
-    if body.get("stream"):
-        raise ValueError("stream is not available in a batch")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) if kind == "chat" else \
-        body.get("max_tokens", 16)
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
-        raise ValueError(f"max_tokens must be an integer, got {max_tokens!r}")
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise ValueError("stop must be a string or a list of strings")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    logprobs = None
-    if kind == "chat":
-        if body.get("logprobs"):
-            logprobs = int(_number(body, "top_logprobs", 0, int))
-    elif body.get("logprobs") is not None:
-        logprobs = int(_number(body, "logprobs", 0, int))
-    temperature = float(_number(body, "temperature", 1.0))
-    if temperature > 2:
-        raise ValueError(f"temperature must be in [0, 2], got {temperature}")
-    return SamplingParams(
-        n=int(_number(body, "n", 1, int)), temperature=temperature, top_p=float(_number(body, "top_p", 1.0)),
-        top_k=int(_number(body, "top_k", -1, int)), seed=seed, max_tokens=max_tokens,
-        min_tokens=int(_number(body, "min_tokens", 0, int)), stop=stop,
-        stop_token_ids=body.get("stop_token_ids"), ignore_eos=bool(body.get("ignore_eos", False)),
-        logprobs=logprobs)
+    check_shape(body, kind)
 
 
 def read_requests(path: Path) -> Iterator[Union[BatchRequest, BadRequest]]:
@@ -166,13 +116,13 @@ def read_requests(path: Path) -> Iterator[Union[BatchRequest, BadRequest]]:
                 yield e
 
 
-def completed(output: Path) -> tuple[set[str], set[int]]:
+def completed(output: Path, retry_errors: bool = False) -> tuple[set[str], set[int]]:
     """custom_ids (and, for lines that had none, input line numbers) the output already answers.
 
     A last line cut short by a crash is removed from the file first, so appending goes on
     from a clean line end; any other unreadable line is skipped (its request runs again).
-    Lines whose error code is in ``RETRIED`` are removed too (the file is replaced whole, so a
-    crash leaves either version): their requests run again.
+    Lines whose error code is in ``RETRIED`` (with ``retry_errors``: every error line) are removed
+    too (the file is replaced whole, so a crash leaves either version): their requests run again.
     """
     ids: set[str] = set()
     lines: set[int] = set()
@@ -194,7 +144,8 @@ def completed(output: Path) -> tuple[set[str], set[int]]:
             log.warning("%s: skipping an unreadable line", output)
             kept.append(raw)
             continue
-        if isinstance(obj, dict) and isinstance(obj.get("error"), dict) and obj["error"].get("code") in RETRIED:
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict) and (
+                retry_errors or obj["error"].get("code") in RETRIED):
             continue
         kept.append(raw)
         if not isinstance(obj, dict):
@@ -204,7 +155,7 @@ def completed(output: Path) -> tuple[set[str], set[int]]:
         elif isinstance(obj.get("line"), int):
             lines.add(obj["line"])
     if len(kept) < len(data.splitlines()):
-        log.warning("%s: running the %d request(s) that failed on a damaged checkpoint again", output,
+        log.warning("%s: running the %d request(s) whose last result was an error again", output,
                     len(data.splitlines()) - len(kept))
         tmp = output.with_name(f".{output.name}.tmp")
         with open(tmp, "wb") as f:
@@ -226,67 +177,15 @@ def error_entry(code: str, message: str, custom_id: Optional[str], line: Optiona
     return entry
 
 
-def result_entry(req: BatchRequest, out, model: str, tokenizer) -> dict:
-    """The output line for a finished request (``out``: its RequestOutput)."""
-    body = completion_body(req.kind, "chatcmpl-" if req.kind == "chat" else "cmpl-", model, out.outputs,
-                           len(out.prompt_token_ids), tokenizer)
+def result_entry(req: BatchRequest, outs: list, model: str, tokenizer) -> dict:
+    """The output line for a finished request (``outs``: a RequestOutput per prompt of the request)."""
+    choices = [completion_choice(req.kind, p * req.params.n + c.index, c, tokenizer)
+               for p, out in enumerate(outs) for c in out.outputs]
+    body = completion_body(req.kind, "chatcmpl-" if req.kind == "chat" else "cmpl-", model, [],
+                           sum(len(o.prompt_token_ids) for o in outs), tokenizer, choices=choices,
+                           completion_tokens=sum(len(c.token_ids) for o in outs for c in o.outputs))
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": req.custom_id,
             "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
-
-
-def completion_body(kind: str, rid: str, model: str, outs: list, prompt_tokens: int, tokenizer) -> dict:
-    """An OpenAI ``chat.completion`` / ``text_completion`` body; ``outs``: CompletionOutputs in index order.
-
-    ``rid`` is the id, or just its prefix (``"cmpl-"``) to get a fresh one.
-    """
-    if rid.endswith("-"):
-        rid += uuid.uuid4().hex
-    choices = []
-    for c in outs:
-        lp = logprobs_of(kind, c.logprobs, tokenizer) if c.logprobs is not None else None
-        if kind == "chat":
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": lp, "finish_reason": c.finish_reason})
-        else:
-            choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": model, "choices": choices,
-            "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in outs))}
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def logprobs_of(kind: str, entries: list[dict], tokenizer) -> dict:
-    """OpenAI's ``logprobs`` object for ``entries`` (``{"token", "logprob", "top"}`` per generated token)."""
-    return _chat_logprobs(entries, tokenizer) if kind == "chat" else _completion_logprobs(entries, tokenizer)
-
-
-def _tok(tokenizer, t: int) -> str:
-    return tokenizer.decode([t]) if tokenizer is not None else str(t)
-
-
-def _chat_logprobs(entries: list[dict], tokenizer) -> dict:
-    content = []
-    for lp in entries:
-        s = _tok(tokenizer, lp["token"])
-        content.append({"token": s, "logprob": lp["logprob"], "bytes": list(s.encode()),
-                        "top_logprobs": [{"token": _tok(tokenizer, t), "logprob": v,
-                                          "bytes": list(_tok(tokenizer, t).encode())} for t, v in lp["top"]]})
-    return {"content": content}
-
-
-def _completion_logprobs(entries: list[dict], tokenizer) -> dict:
-    tokens = [_tok(tokenizer, lp["token"]) for lp in entries]
-    offsets, pos = [], 0
-    for s in tokens:
-        offsets.append(pos)
-        pos += len(s)
-    return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in entries],
-            "top_logprobs": [{_tok(tokenizer, t): v for t, v in lp["top"]} for lp in entries],
-            "text_offset": offsets}
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -316,83 +215,86 @@ class _Writer:
         self.f.close()
 
 
-def _prompt(llm, req: BatchRequest) -> dict:
-    """Token ids of the request's prompt, checked against the model (RequestError if unusable)."""
+def _prompts(llm, req: BatchRequest) -> list[dict]:
+    """The request's prompts as token ids, checked against the model (RequestError if unusable)."""
+    from .openai_api import check_context
     from .tokenizer import chat_prompt, require
 
     if req.kind == "chat":
-        msgs = [dict(m, content=_text_content(m["content"])) for m in req.body["messages"]]
-        ids = chat_prompt(llm.tokenizer, msgs)
-        text = None
+        msgs = [dict(m, content=text_content(m.get("content") or "")) for m in req.body["messages"]]
+        items = [(None, chat_prompt(llm.tokenizer, msgs))]
     else:
-        p = req.body["prompt"]
-        p = p[0] if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)) else p
-        text = p if isinstance(p, str) else None
-        ids = require(llm.tokenizer, "a text prompt").encode(p) if isinstance(p, str) else list(p)
-    llm.engine.check_prompt(ids)
-    return {"prompt_token_ids": ids, "prompt": text}
-
-
-def _text_content(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for p in content:
-            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise RequestError("only text content parts are supported")
-            parts.append(p["text"])
-        return "".join(parts)
-    raise RequestError("message content must be a string or a list of text parts")
+        items = [(p, require(llm.tokenizer, "a text prompt").encode(p)) if isinstance(p, str) else (None, list(p))
+                 for p in prompts_of(req.body)]
+    for _, ids in items:
+        llm.engine.check_prompt(ids)
+        check_context(len(ids), req.params.max_tokens, llm.engine.max_model_len)
+    return [{"prompt_token_ids": ids, "prompt": text} for text, ids in items]
 
 
 def run_batch(llm, input_path: Union[str, Path], output_path: Union[str, Path], model: Optional[str] = None,
               explain: bool = False, use_tqdm: bool = True,
-              on_result: Optional[Callable[[dict], None]] = None) -> dict:
+              on_result: Optional[Callable[[dict], None]] = None, retry_errors: bool = False) -> dict:
     """Run every request of ``input_path`` not yet answered in ``output_path``; append the answers.
 
     ``explain``: return the throughput plan (``summary["plan"]``, text) without running.
-    ``on_result`` is called with each entry after it is written. Returns a summary.
+    ``on_result`` is called with each entry after it is written. ``retry_errors``: lines whose
+    last result was an error run again. Given ``model`` (the CLI's ``--model``), a ``body.model``
+    naming another model is an error entry.
+    Returns a summary.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
         raise FileNotFoundError(f"{input_path}: no such input file")
+    check_model = model is not None  # only a run told its model's name can tell another one apart
     model = model or str(llm.config.model)
-    done_ids, done_lines = completed(output_path)
+    done_ids, done_lines = completed(output_path, retry_errors)
     todo: list[BatchRequest] = []
+    groups: list[list[int]] = []  # per request in todo: its prompts' indices in ``prompts``
     prompts: list[dict] = []
     errors: list[dict] = []  # written before the run starts
     duplicates: list[dict] = []  # written at the end, once the first copy is answered
     seen: set[str] = set()
     skipped = 0
     for item in read_requests(input_path):
-        if isinstance(item, BadRequest):
-            if item.custom_id in done_ids or (item.custom_id is None and item.line in done_lines):
+        cid = item.custom_id
+        first = cid is None or cid not in seen
+        if cid is not None:
+            seen.add(cid)
+        if not first:  # a later copy of an id: its error entry (by line) whether or not the first ran
+            if item.line in done_lines:
                 skipped += 1
-                continue
-            errors.append(error_entry(item.code, item.message, item.custom_id, item.line))
-            if item.custom_id is not None:
-                seen.add(item.custom_id)
+            else:
+                duplicates.append(error_entry("duplicate_custom_id", f"line {item.line}: custom_id {cid!r} "
+                                              "appears earlier in the file; this line was not run", None, item.line))
             continue
-        if item.custom_id in done_ids:
+        if cid in done_ids or (cid is None and item.line in done_lines):
             skipped += 1
             continue
-        if item.custom_id in seen:
-            duplicates.append(error_entry("duplicate_custom_id", f"line {item.line}: custom_id {item.custom_id!r} "
-                                          "appears earlier in the file; this line was not run", None, item.line))
+        if isinstance(item, BadRequest):
+            errors.append(error_entry(item.code, item.message, cid, item.line))
             continue
-        seen.add(item.custom_id)
+        asked = item.body.get("model")
+        if check_model and asked is not None and asked not in (model, Path(model).name):
+            errors.append(error_entry("model_not_found", f"line {item.line}: body.model is {asked!r}, but this run "
+                                      f"serves {model!r}", cid))
+            continue
         try:
-            prompts.append(_prompt(llm, item))
-        except (RequestError, MoetierError) as e:
-            errors.append(error_entry("invalid_prompt", f"line {item.line}: {e}", item.custom_id))
+            mine = _prompts(llm, item)
+        except (RequestError, MoetierError, ValueError) as e:
+            code = "context_length_exceeded" if "context length" in str(e) else "invalid_prompt"
+            errors.append(error_entry(code, f"line {item.line}: {e}", cid))
             continue
+        groups.append(list(range(len(prompts), len(prompts) + len(mine))))
+        prompts.extend(mine)
         todo.append(item)
     summary = {"input": str(input_path), "output": str(output_path), "already_done": skipped,
                "to_run": len(todo), "errors": len(errors) + len(duplicates)}
+    params = [todo[g].params for g, idx in enumerate(groups) for _ in idx]
     if explain:
-        summary["plan"] = llm.plan(prompts, [r.params for r in todo]).explain() if todo else "nothing to run"
+        summary["plan"] = llm.plan(prompts, params).explain() if todo else "nothing to run"
         return summary
+    owner = {i: g for g, idx in enumerate(groups) for i in idx}
     writer = _Writer(output_path, on_result)
     t0 = time.perf_counter()
     try:
@@ -400,14 +302,17 @@ def run_batch(llm, input_path: Union[str, Path], output_path: Union[str, Path], 
             writer.write(e)
         if todo:
             answered: set[int] = set()
+            got: dict[int, object] = {}
             try:
-                for i, out in llm.iter_generate(prompts, [r.params for r in todo], mode="throughput",
-                                                use_tqdm=use_tqdm):
-                    writer.write(result_entry(todo[i], out, model, llm.tokenizer))
-                    answered.add(i)
+                for i, out in llm.iter_generate(prompts, params, mode="throughput", use_tqdm=use_tqdm):
+                    got[i] = out
+                    g = owner[i]
+                    if all(j in got for j in groups[g]):
+                        writer.write(result_entry(todo[g], [got.pop(j) for j in groups[g]], model, llm.tokenizer))
+                        answered.add(g)
             except CheckpointError as e:  # every request left needed the bad bytes (see the module doc)
                 log.error("the run stopped: %s", e)
-                failed = [r for i, r in enumerate(todo) if i not in answered]
+                failed = [r for g, r in enumerate(todo) if g not in answered]
                 for r in failed:
                     writer.write(error_entry("checkpoint_error", f"line {r.line}: generation failed: the model's "
                                              f"checkpoint is damaged: {e}", r.custom_id))

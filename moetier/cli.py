@@ -236,7 +236,7 @@ def cmd_batch(args) -> int:
     llm = _llm(args)
     try:
         summary = run_batch(llm, args.input, args.output, model=args.model, explain=args.explain,
-                            use_tqdm=not args.quiet)
+                            use_tqdm=not args.quiet, retry_errors=args.retry_errors)
     finally:
         llm.close()
     if args.explain:
@@ -312,7 +312,12 @@ def _safe_name(name: str) -> str:
 
 def cmd_serve(args) -> int:
     from .ram import resolve_budget
-    from .serve import make_server, serve
+
+    try:
+        from .serve import make_server, serve
+    except ImportError as e:  # fastapi / uvicorn: the serve extra
+        raise MoetierError(f"moetier serve needs the serve extra ({e.name} is missing): pip install fastapi uvicorn "
+                           "llguidance, or pip install -e '.[serve]' from a checkout") from None
 
     models = serve_models(args.model)
     total = args.device_memory or (args.host_memory if args.device == "cpu" else None)
@@ -342,7 +347,7 @@ def cmd_serve(args) -> int:
                     host_memory=args.host_memory if device_memory is not None else None)
 
     serve(make_server(models, load, host=args.host, port=args.port, api_key=args.api_key, budget=budget,
-                      max_requests=args.max_requests))
+                      max_requests=args.max_requests, keep_alive=args.keep_alive, log_level=args.log_level))
     return 0
 
 
@@ -506,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="print the throughput plan (batch sizes, memory split, predicted tokens/s) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="run again the lines whose last result in --output was an error")
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser(

@@ -82,8 +82,13 @@ def test_parse_maps_openai_fields():
     (_line("a", prompt="x", temperature="hot"), "invalid_body"),
     (_line("a", prompt="x", max_tokens=0), "invalid_body"),
     (_line("a", prompt=""), "invalid_body"),
-    (_line("a", prompt=["two", "prompts"]), "invalid_body"),
-    (_line("a", prompt="x", frequency_penalty=0.5), "invalid_body"),
+    (_line("a", prompt=[[]]), "invalid_body"),
+    (_line("a", prompt=["x", 5]), "invalid_body"),
+    (_line("a", prompt="x", frequency_penalty=2.5), "invalid_body"),
+    (_line("a", prompt="x", n=1000), "invalid_body"),
+    (_line("a", prompt="x", logprobs=500), "invalid_body"),
+    (_line("a", prompt="x", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}),
+     "invalid_body"),
     (_line("a", "/v1/chat/completions", messages=[]), "invalid_body"),
     (_line("a", "/v1/chat/completions", messages=[{"content": "no role"}]), "invalid_body"),
 ])
@@ -167,7 +172,7 @@ def test_resume_after_a_crash_answers_each_request_once(llm, tmp_path):
 
 def test_cli_batch_explain_and_run(folder, tmp_path, capsys):
     inp = tmp_path / "in.jsonl"
-    inp.write_text("\n".join(_requests(4)) + "\n")
+    inp.write_text("\n".join(x.replace('"tiny"', json.dumps(str(folder))) for x in _requests(4)) + "\n")
     out = tmp_path / "out.jsonl"
     args = ["batch", "--model", str(folder), "--dtype", "float32", "--input", str(inp), "--output", str(out), "--quiet"]
     assert main(args + ["--explain"]) == 0

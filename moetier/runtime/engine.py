@@ -76,8 +76,10 @@ class Engine:
             if n > budget and budget < self.max_batch_tokens:
                 break  # a long prompt waits for the next step rather than overfilling this one
             seq = self.waiting.popleft()
-            seq.kv = SeqKV(self.num_layers, len(seq.prompt_ids) + (seq.params.max_tokens or 256), self.device,
-                           self.dtype)
+            # the reservation: min(max_tokens, what the context leaves), never max_tokens as asked
+            room = self.max_model_len - len(seq.prompt_ids)
+            seq.kv = SeqKV(self.num_layers, len(seq.prompt_ids) + min(seq.params.max_tokens or 256, room),
+                           self.device, self.dtype)
             self.running.append(seq)
             budget -= n
 

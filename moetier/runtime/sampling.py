@@ -3,9 +3,45 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from .structured import StructuredOutputsParams
+
+
+def _int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    return v
+
+
+def _float(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """``{token id: bias}`` from ints or the string keys of a JSON body; values in [-100, 100]."""
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a map of token id to bias, got {type(bias).__name__}")
+    out = {}
+    for k, v in bias.items():
+        try:
+            tok = int(k) if not isinstance(k, bool) and str(k).lstrip("-").isdigit() else None
+        except ValueError:
+            tok = None
+        if tok is None or tok < 0:
+            raise ValueError(f"logit_bias: {k!r} is not a token id (a non-negative integer)")
+        v = _float(f"logit_bias[{k}]", v)
+        if not -100 <= v <= 100:
+            raise ValueError(f"logit_bias[{k}] must be in [-100, 100], got {v}")
+        out[tok] = v
+    return out
 
 
 @dataclass
@@ -28,6 +64,16 @@ class SamplingParams:
         logprobs: also return the log-probability of each chosen token and this many top alternatives.
         prompt_logprobs: also return, for each prompt token after the first, its log-probability,
             its rank and this many most likely tokens at that position (``RequestOutput.prompt_logprobs``).
+        presence_penalty: subtracted from the logit of every token already generated ([-2, 2]).
+        frequency_penalty: subtracted once per time a token was already generated ([-2, 2]).
+        repetition_penalty: > 1 discourages tokens of the prompt and the output (divides a positive
+            logit, multiplies a negative one); 1 is off.
+        logit_bias: token id -> value added to its logit ([-100, 100]; -100 all but bans it).
+        structured_outputs: a :class:`~moetier.runtime.structured.StructuredOutputsParams` (or its
+            dict, e.g. ``{"json": schema}``, ``{"regex": ...}``, ``{"choice": [...]}``) the output must
+            match; the grammar masks the logits each step.
+
+    Every field is checked on construction; a ValueError names the field at fault.
     """
 
     n: int = 1
@@ -44,11 +90,32 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Optional[dict[int, float]] = None
+    structured_outputs: Optional["StructuredOutputsParams"] = None
 
     def __post_init__(self):
+        for name in ("n", "top_k", "min_tokens"):
+            _int(name, getattr(self, name))
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name))
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            setattr(self, name, _float(name, getattr(self, name)))
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and (not isinstance(self.stop, (list, tuple))
+                                      or not all(isinstance(s, str) for s in self.stop)):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = [s for s in (self.stop or []) if s]
+        if self.stop_token_ids is not None and (not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids)):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
@@ -66,6 +133,17 @@ class SamplingParams:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logit_bias is not None:
+            self.logit_bias = _logit_bias(self.logit_bias)
+        if self.structured_outputs is not None:
+            from .structured import StructuredOutputsParams
+
+            self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

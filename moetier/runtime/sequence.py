@@ -14,6 +14,7 @@ from typing import Optional
 from ..outputs import CompletionOutput
 from ..tokenizer import Detokenizer
 from .kv_cache import SeqKV
+from .logits import LogitsProcessor
 from .prompt_logprobs import PromptLogprobs
 from .sampling import SamplingParams, TokenChoice, make_generator
 
@@ -42,6 +43,8 @@ class Sequence:
         # filled with the prompt's logprobs while the prompt is fed; the request's first completion only
         self.prompt_sink = PromptLogprobs(params.prompt_logprobs, tokenizer) \
             if params.prompt_logprobs is not None and index == 0 else None
+        # min_tokens, penalties, logit_bias, a structured-output grammar (a bad grammar raises here)
+        self.processor = LogitsProcessor(params, self.prompt_ids, self.out.token_ids, tokenizer)
         self._sent = 0  # characters of out.text already reported
         self._hold = max((len(s) for s in params.stop), default=1) - 1  # could be a stop string's start
 
@@ -53,6 +56,7 @@ class Sequence:
         """Record a sampled token and decide whether the sequence is done."""
         tok, p, out = choice.token, self.params, self.out
         out.token_ids.append(tok)
+        self.processor.accept(tok)
         if p.logprobs is not None:
             out.logprobs = out.logprobs or []
             out.logprobs.append({"token": tok, "logprob": choice.logprob, "top": choice.top})
@@ -61,8 +65,10 @@ class Sequence:
         n = len(out.token_ids)
         if n >= p.min_tokens and (tok in p.stop_token_ids or (not p.ignore_eos and tok in eos)):
             out.finish_reason, out.stop_reason = "stop", (tok if tok in p.stop_token_ids else None)
-        elif p.stop and self._match_stop():
+        elif p.stop and n >= p.min_tokens and self._match_stop():
             pass
+        elif self.processor.grammar_done:  # the structured output is complete (a model without EOS)
+            out.finish_reason = "stop"
         elif (p.max_tokens is not None and n >= p.max_tokens) or len(self.prompt_ids) + n >= self.max_len:
             out.finish_reason = "length"
 

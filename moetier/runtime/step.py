@@ -57,10 +57,12 @@ def forward_step(model, seqs: list[Sequence], lengths: list[int], eos: set[int],
         del s.pending[:n]
     events = []
     sampled = [seqs[i] for i in done]
-    greedy = [s.params.greedy and s.params.logprobs is None for s in sampled]
+    active = [s.processor.active for s in sampled]  # penalties, logit_bias, min_tokens, grammar: runtime/logits.py
+    greedy = [s.params.greedy and s.params.logprobs is None and not a for s, a in zip(sampled, active)]
     argmax = logits.argmax(dim=-1).tolist() if any(greedy) else None
     for i, s in enumerate(sampled):
-        choice = TokenChoice(argmax[i]) if greedy[i] else sample(logits[i], s.params, s.generator)
+        row = s.processor.apply(logits[i], eos) if active[i] else logits[i]
+        choice = TokenChoice(argmax[i]) if greedy[i] else sample(row, s.params, s.generator)
         s.append(choice, eos)
         events.append(StepEvent(s, choice.token, s.take_delta()))
     return events

@@ -1,332 +1,379 @@
-"""HTTP endpoints (stdlib ``ThreadingHTTPServer``): one handler thread per connection."""
+"""The HTTP endpoints, on FastAPI: :func:`create_app` is an ASGI app that any ASGI host can mount
+(uvicorn through ``moetier serve``, Ray Serve, a bigger FastAPI app); the model pool's engine
+threads do the work, the event loop only parses, queues and streams."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
-import queue
-import threading
+import re
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from contextlib import asynccontextmanager
+from typing import Optional, Union
 
-from ..batch_file import _text_content, logprobs_of
-from ..errors import CheckpointError, RequestError
-from ..tokenizer import chat_prompt, require
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import RequestError
+from ..openai_api import ParamError, check_context, prompts_of, sampling_params, text_content
+from . import tools as tools_mod
+from .generation import Job, Run
 from .metrics import Metrics
 from .pool import ModelPool
-from .protocol import APIError, ParsedRequest, chunk, new_id, parse_request, response, usage_chunk
+from .protocol import (APIError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard,
+                       ModelList, TokenizeRequest, TokenizeResponse)
 
 log = logging.getLogger(__name__)
 
-ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 MAX_BODY = 32 * 2**20
 DEFAULT_MAX_REQUESTS = 256
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "literal"}  # pydantic's union branch names
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+          429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
-class Server(ThreadingHTTPServer):
-    """The HTTP server plus what the handlers share: the model pool, API key, request cap and metrics."""
+class State:
+    """What the endpoints share: the pool, the API key, the request cap, the metrics."""
 
-    daemon_threads = True
-    request_queue_size = 1024  # the listen backlog: a burst of clients must not be reset (default 5)
-
-    def __init__(self, addr, pool: ModelPool, api_key: Optional[str], max_requests: int = DEFAULT_MAX_REQUESTS):
-        super().__init__(addr, Handler)
-        self.pool = pool
-        self.api_key = api_key
-        self.max_requests = max_requests
-        self.created = int(time.time())
+    def __init__(self, pool: ModelPool, api_key: Optional[str], max_requests: int, keep_alive: Optional[float]):
+        self.pool, self.api_key, self.max_requests, self.keep_alive = pool, api_key, max_requests, keep_alive
         self.metrics = Metrics()
-        self._inflight = 0
-        self._inflight_lock = threading.Lock()
+        self.inflight = 0
+        self.created = int(time.time())
 
     def admit(self) -> None:
-        """Count a request in, or refuse it (429) when ``max_requests`` are already being served."""
-        with self._inflight_lock:
-            if self._inflight >= self.max_requests:
-                raise APIError(429, f"the server is serving its limit of {self.max_requests} requests; retry "
-                                    "shortly", type="requests", code="rate_limit_exceeded")
-            self._inflight += 1
+        if self.inflight >= self.max_requests:
+            raise APIError(429, f"the server is serving its limit of {self.max_requests} requests; retry "
+                                "shortly", type="requests", code="rate_limit_exceeded")
+        self.inflight += 1  # the event loop is one thread: no lock needed
 
     def leave(self) -> None:
-        with self._inflight_lock:
-            self._inflight -= 1
+        self.inflight -= 1
 
-    def inflight(self) -> int:
-        return self._inflight
-
-    def server_close(self) -> None:
-        self.pool.close()
-        super().server_close()
+    def model(self, name) -> str:
+        if name not in self.pool.entries:
+            raise APIError(404, f"the model {name!r} does not exist; this server has {', '.join(self.pool.names())}",
+                           param="model", code="model_not_found")
+        return name
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: Server
+class BodyLimit:
+    """A 413 for a body over ``MAX_BODY`` by its Content-Length, before anything reads it."""
 
-    def log_message(self, fmt, *args):  # route to logging, not stderr
-        log.info("%s " + fmt, self.address_string(), *args)
+    def __init__(self, app):
+        self.app = app
 
-    # -- plumbing -------------------------------------------------------------------------------
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            n = dict(scope["headers"]).get(b"content-length", b"0")
+            if not n.isdigit() or int(n) > MAX_BODY:
+                e = APIError(413, f"the request body is {n.decode(errors='replace')} bytes; the limit is {MAX_BODY}") \
+                    if n.isdigit() else APIError(400, "bad Content-Length header")
+                return await JSONResponse(e.body(), e.status)(scope, receive, send)
+        await self.app(scope, receive, send)
 
-    def _send_json(self, status: int, obj: dict, headers: Optional[dict] = None) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
 
-    def _error(self, e: APIError) -> None:
-        # a full server or a busy model clears up within a request's time: tell clients when to retry
-        self._send_json(e.status, e.body(), {"Retry-After": "1"} if e.status in (429, 503) else None)
+def parse_keep_alive(v) -> Optional[float]:
+    """Ollama's ``keep_alive``: seconds, or ``"30s"``, ``"5m"``, ``"1h"``; negative: forever."""
+    if v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", v)
+    if not m:
+        raise APIError(400, f"keep_alive must be seconds or a duration such as '5m', got {v!r}", param="keep_alive")
+    return float(m.group(1)) * {"ms": 1e-3, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
 
-    def _auth(self) -> None:
-        key = self.server.api_key
-        if key is None:
+
+def create_app(pool: ModelPool, api_key: Optional[str] = None, max_requests: int = DEFAULT_MAX_REQUESTS,
+               keep_alive: Optional[float] = None) -> FastAPI:
+    """The OpenAI-compatible app over ``pool``; closing the app's lifespan closes the pool."""
+    st = State(pool, api_key, max_requests, keep_alive)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        reaper = asyncio.create_task(_reap(pool))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            await run_in_threadpool(pool.close)
+
+    # strict_content_type=False: a JSON body without a Content-Type header is read as JSON, as OpenAI's is
+    app = FastAPI(title="moetier", version="1", lifespan=lifespan, strict_content_type=False,
+                  description="OpenAI-compatible API over moetier's engine (completions, chat, tools, "
+                              "structured outputs), with vLLM's extras (/tokenize, /detokenize, sampling fields).")
+    app.state.moetier = st
+    app.add_middleware(BodyLimit)
+
+    async def auth(request: Request) -> None:
+        if st.api_key is None:
             return
-        got = self.headers.get("Authorization", "")
-        if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), key.encode())):
+        got = request.headers.get("authorization", "")
+        if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), st.api_key.encode())):
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
-    def _read_body(self) -> bytes:
-        try:
-            n = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            self.close_connection = True
-            raise APIError(400, "bad Content-Length header") from None
-        if n > MAX_BODY:
-            self.close_connection = True
-            raise APIError(413, f"the request body is {n} bytes; the limit is {MAX_BODY}")
-        return self.rfile.read(n) if n > 0 else b""
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), e.status, headers={"Retry-After": "1"} if e.status in (429, 503) else None)
 
-    # -- endpoints ------------------------------------------------------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        # a union's branch names (str, list[...]) follow the field: keep the field and list indices
+        path = []
+        for x in loc:
+            if path and not x.isdigit() and (x in _TYPE_TAGS or "[" in x or "-" in x or x[:1].isupper()):
+                break
+            path.append(f"[{x}]" if x.isdigit() else (f".{x}" if path else x))
+        param = "".join(path) or None
+        if err.get("type") == "json_invalid":
+            api = APIError(400, f"the request body is not valid JSON ({err.get('msg')})", code="invalid_json")
+        elif err.get("type") == "missing":
+            api = APIError(400, f"{param} is required", param=param, code="missing_required_parameter")
+        else:
+            api = APIError(400, f"{param or 'the request body'}: {err.get('msg')}"
+                                + (f" (got {err['input']!r:.80})" if param and "input" in err else ""),
+                           param=param, code="invalid_type" if err.get("type", "").endswith("_type") else None)
+        if request.url.path in GENERATION_PATHS:
+            body = e.body if isinstance(e.body, dict) else {}
+            st.metrics.request_done(body.get("model") if body.get("model") in pool.entries else "unknown", 400)
+        return JSONResponse(api.body(), 400)
 
-    def do_GET(self):
-        try:
-            path = self.path.split("?", 1)[0]
-            if path == "/health":
-                loaded = self.server.pool.loaded()
-                return self._send_json(200, {"status": "ok", "requests_inflight": self.server.inflight(),
-                                             "requests_live": sum(m.worker.live() for m in loaded),
-                                             "models_loaded": [m.name for m in loaded],
-                                             "aborted": sum(m.worker.aborted for m in loaded)})
-            if path == "/metrics":
-                data = self.server.metrics.render(self.server.pool, self.server.inflight()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                return
-            self._auth()
-            if path == "/v1/models":
-                return self._send_json(200, {"object": "list", "data": [
-                    {"id": e.name, "object": "model", "created": self.server.created, "owned_by": "moetier",
-                     "loaded": e.loaded} for e in self.server.pool.entries.values()]})
-            raise APIError(404, f"no route GET {path}", code="not_found")
-        except APIError as e:
-            self._error(e)
-        except Exception as e:  # a bug answers 500; the server keeps running
-            log.exception("GET %s failed", self.path)
-            self._error(APIError(500, f"internal error: {e}", type="server_error"))
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return JSONResponse(APIError(e.status_code, msg, code=code).body(), e.status_code)
 
-    def _record(self, model: str, status: int) -> None:
-        """Count this request in the metrics, once."""
-        if not self._recorded:
-            self._recorded = True
-            self.server.metrics.request_done(model, status)
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):  # a bug answers 500; the server keeps running
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {e}", type="server_error").body(), 500)
 
-    def do_POST(self):
-        t0 = time.perf_counter()  # TTFT counts from here: a model's load on first use is part of it
-        model, status = "unknown", 500  # the metrics' labels: a request that names no served model is "unknown"
-        self._recorded = False  # one handler serves every request of a keep-alive connection
-        try:
-            raw = self._read_body()
-            path = self.path.split("?", 1)[0]
-            self._auth()
-            kind = ROUTES.get(path)
-            if kind is None:
-                raise APIError(404, f"no route POST {path}", code="not_found")
+    @app.get("/health", tags=["server"])
+    async def health():
+        loaded = pool.loaded()
+        return {"status": "ok", "requests_inflight": st.inflight, "requests_live": sum(m.worker.live() for m in loaded),
+                "models_loaded": [m.name for m in loaded], "aborted": sum(m.worker.aborted for m in loaded)}
+
+    @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(st.metrics.render(pool, st.inflight), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def card(e) -> dict:
+        llm = e.llm
+        return {"id": e.name, "object": "model", "created": st.created, "owned_by": "moetier", "loaded": e.loaded,
+                "max_model_len": llm.engine.max_model_len if llm is not None else None}
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth)], tags=["models"], responses=ERRORS)
+    async def models():
+        return {"object": "list", "data": [card(e) for e in pool.entries.values()]}
+
+    @app.post("/v1/models/{model_id:path}/load", response_model=ModelCard, dependencies=[Depends(auth)],
+              tags=["models"], responses=ERRORS)
+    async def load(model_id: str):
+        await run_in_threadpool(pool.load, st.model(model_id))
+        return card(pool.entries[model_id])
+
+    @app.post("/v1/models/{model_id:path}/unload", response_model=ModelCard, dependencies=[Depends(auth)],
+              tags=["models"], responses=ERRORS)
+    async def unload(model_id: str):
+        if not await run_in_threadpool(pool.unload, st.model(model_id)):
+            raise APIError(409, f"the model {model_id!r} is serving requests; unload it once they finish",
+                           code="model_busy")
+        return card(pool.entries[model_id])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(auth)],
+             tags=["models"], responses=ERRORS)
+    async def model(model_id: str):
+        return card(pool.entries[st.model(model_id)])
+
+    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(auth)],
+              tags=["generation"], responses=ERRORS)
+    async def completions(req: CompletionRequest):
+        return await _generate(st, "completion", req)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=[Depends(auth)],
+              tags=["generation"], responses=ERRORS)
+    async def chat(req: ChatCompletionRequest):
+        return await _generate(st, "chat", req)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, dependencies=[Depends(auth)], tags=["tokenizer"],
+              responses=ERRORS)
+    async def tokenize(req: TokenizeRequest):
+        with _Using(st, req.model) as entry:
+            await entry.ready()
+            tok, llm = entry.entry.llm.tokenizer, entry.entry.llm
             try:
-                body = json.loads(raw)
-            except ValueError as e:
-                raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-            names = self.server.pool.names()
-            if isinstance(body, dict) and body.get("model") in names:
-                model = body["model"]
-            req = parse_request(body, kind, names)
-            self.server.admit()
+                if (req.prompt is None) == (req.messages is None):
+                    raise APIError(400, "give prompt or messages", param="prompt")
+                if req.messages is not None:
+                    msgs = [_message(m.model_dump(exclude_none=True)) for m in req.messages]
+                    ids = tools_mod.chat_ids(tok, msgs, None) if req.add_generation_prompt else \
+                        _require(tok).encode(_require(tok).apply_chat_template(msgs, tokenize=False),
+                                             add_special_tokens=False)
+                else:
+                    ids = _require(tok).encode(req.prompt, add_special_tokens=bool(req.add_special_tokens))
+            except RequestError as e:
+                raise APIError(400, str(e), param="prompt") from None
+            return {"count": len(ids), "max_model_len": llm.engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=[Depends(auth)], tags=["tokenizer"],
+              responses=ERRORS)
+    async def detokenize(req: DetokenizeRequest):
+        with _Using(st, req.model) as entry:
+            await entry.ready()
+            llm = entry.entry.llm
+            bad = [t for t in req.tokens if not 0 <= t < llm.engine.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {llm.engine.vocab_size})",
+                               param="tokens")
             try:
-                with self.server.pool.use(req.model) as entry:
-                    self._run(entry, req, t0)
-            finally:
-                self.server.leave()
-            status = 200
-        except APIError as e:
-            status = e.status
-            self._record(model, status)
-            self._error(e)
-        except _StreamFailed:
-            self.close_connection = True  # the error went out inside the stream
-        except (BrokenPipeError, ConnectionResetError):
-            status = 499  # the client went away (nginx's code for it)
-            self.close_connection = True
-        except Exception as e:  # a bug answers 500 for this request; the server keeps running
-            log.exception("request failed")
-            self._record(model, 500)
-            try:
-                self._error(APIError(500, f"internal error: {e}", type="server_error"))
-            except OSError:
-                self.close_connection = True
-        finally:
-            self._record(model, status)
+                return {"prompt": _require(llm.tokenizer).decode(req.tokens)}
+            except RequestError as e:
+                raise APIError(400, str(e), param="tokens") from None
 
-    def _prompt_ids(self, llm, req: ParsedRequest) -> list[int]:
-        try:
-            if req.kind == "chat":
-                msgs = [dict(m, content=_text_content(m["content"])) for m in req.body["messages"]]
-                return chat_prompt(llm.tokenizer, msgs)
-            p = req.body["prompt"]
-            p = p[0] if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)) else p
-            return require(llm.tokenizer, "a text prompt").encode(p) if isinstance(p, str) else list(p)
-        except RequestError as e:
-            raise APIError(400, str(e), param="messages" if req.kind == "chat" else "prompt") from None
-
-    def _run(self, entry, req: ParsedRequest, t0: float) -> None:
-        ids = self._prompt_ids(entry.llm, req)
-        worker = entry.worker
-        rid, q = worker.submit(ids, req.params)
-        kind, payload = q.get()
-        if kind == "error":
-            if not isinstance(payload, RequestError):
-                raise APIError(500, f"the request could not start: {payload}", type="server_error")
-            raise APIError(400, str(payload), param="messages" if req.kind == "chat" else "prompt",
-                           code="context_length_exceeded" if "context" in str(payload) else None)
-        cid = new_id(req.kind)
-        timing = _Timing(t0)
-
-        def finished(outs: list) -> None:
-            """Count the request before its last bytes go out, so a client that reads /metrics
-            right after its answer sees it."""
-            self.server.metrics.tokens(req.model, len(ids), sum(len(o.token_ids) for o in outs), timing.ttft(),
-                                       timing.tpot(max(len(o.token_ids) for o in outs)))
-            self._record(req.model, 200)
-
-        try:
-            if req.stream:
-                self._stream(entry.llm.tokenizer, req, cid, q, len(ids), timing, finished)
-            else:
-                outs = _collect(q, timing)
-                finished(outs)
-                self._send_json(200, response(req, cid, outs, len(ids), entry.llm.tokenizer))
-        finally:
-            worker.abort(rid)  # a no-op once finished; frees the slot when the client went away
-
-    def _stream(self, tokenizer, req: ParsedRequest, cid: str, q: queue.Queue, prompt_tokens: int,
-                timing: "_Timing", finished) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream's end is the connection's end
-        self.end_headers()
-        self.close_connection = True
-
-        def send(obj) -> None:
-            data = obj if isinstance(obj, str) else json.dumps(obj)
-            self.wfile.write(f"data: {data}\n\n".encode())
-            self.wfile.flush()
-
-        if req.kind == "chat":  # the role comes first, as OpenAI sends it
-            for i in range(req.params.n):
-                send(chunk(req, cid, i, "", None, first=True))
-        while True:
-            kind, payload = q.get()
-            if kind == "delta":
-                timing.token()
-                index, text, finish, lps = payload
-                send(chunk(req, cid, index, text, finish,
-                           logprobs=logprobs_of(req.kind, lps, tokenizer) if lps else None))
-            elif kind == "done":
-                timing.done()
-                finished(payload)
-                if req.include_usage:
-                    send(usage_chunk(req, cid, prompt_tokens, sum(len(o.token_ids) for o in payload)))
-                send("[DONE]")
-                return
-            else:
-                send(generation_failed(payload).body())
-                send("[DONE]")
-                raise _StreamFailed(payload)
+    return app
 
 
-class _StreamFailed(Exception):
-    """Generation failed after the stream's headers went out; the error was sent in the stream."""
+def _require(tok):
+    if tok is None:
+        raise RequestError("this model folder has no tokenizer")
+    return tok
 
 
-class _Timing:
-    """When a request arrived, produced its first token and finished: TTFT and TPOT for the metrics."""
-
-    def __init__(self, t0: float):
-        self.t0, self.first, self.end = t0, None, None
-
-    def token(self) -> None:
-        if self.first is None:
-            self.first = time.perf_counter()
-
-    def done(self) -> None:
-        self.token()
-        self.end = time.perf_counter()
-
-    def ttft(self) -> Optional[float]:
-        return None if self.first is None else self.first - self.t0
-
-    def tpot(self, longest: int) -> Optional[float]:
-        """Mean gap between tokens after the first, ``longest``: the most tokens of one completion
-        (the ``n`` completions of a request decode side by side). None with nothing to average."""
-        steps = longest - 1
-        return (self.end - self.first) / steps if self.end is not None and steps > 0 else None
-
-
-def _collect(q: queue.Queue, timing: _Timing) -> list:
-    """Wait for a non-streamed request's outputs, timing its first delta."""
+async def _reap(pool: ModelPool) -> None:
+    """Unload models whose keep_alive ran out (checked each second)."""
     while True:
-        kind, payload = q.get()
-        if kind == "delta":
-            timing.token()
-        elif kind == "done":
-            timing.done()
-            return payload
-        elif kind == "error":
-            raise generation_failed(payload)
+        await asyncio.sleep(1.0)
+        if any(e.keep_until is not None and e.loaded for e in pool.entries.values()):
+            try:
+                for name in await run_in_threadpool(pool.reap):
+                    log.info("unloaded %s: its keep_alive ran out", name)
+            except Exception:  # noqa: BLE001 - the reaper must outlive a failed unload
+                log.exception("unloading an expired model failed")
 
 
-def generation_failed(e: Exception) -> APIError:
-    """The 500 for a request whose generation failed; a damaged checkpoint (a checksum mismatch,
-    a short read: a CheckpointError naming the file, layer and expert) says so in its code."""
-    if isinstance(e, CheckpointError):
-        return APIError(500, f"generation failed: the model's checkpoint is damaged: {e}", type="server_error",
-                        code="checkpoint_error")
-    return APIError(500, f"generation failed: {e}", type="server_error")
+class _Using:
+    """A request's hold on a loaded model: ``await ready()`` loads it if needed (in a thread)."""
+
+    def __init__(self, st: State, name):
+        self.st, self.name = st, st.model(name)
+        self._cm = None
+        self.entry = None
+
+    def __enter__(self):
+        return self
+
+    async def ready(self):
+        cm = self.st.pool.use(self.name)
+        self.entry = await run_in_threadpool(cm.__enter__)
+        self._cm = cm
+        return self.entry
+
+    def release(self) -> None:
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
+
+    def __exit__(self, *exc):
+        self.release()
 
 
-def make_server(models: dict[str, str], load, host: str = "127.0.0.1", port: int = 8000,
-                api_key: Optional[str] = None, budget: Optional[int] = None,
-                max_requests: int = DEFAULT_MAX_REQUESTS) -> Server:
-    """A bound server over ``models`` (id -> checkpoint path), loaded on demand by ``load(id, path, device_memory)``
-    within ``budget`` bytes. ``port=0`` picks a free port (see ``server.server_address``); call ``serve_forever()``."""
-    return Server((host, port), ModelPool(models, load, budget), api_key, max_requests)
+def _message(m: dict) -> dict:
+    if m.get("content") is None:
+        m["content"] = ""
+    else:
+        m["content"] = text_content(m["content"])
+    return m
 
 
-def serve(server: Server) -> None:
-    """Serve until interrupted."""
-    h, p = server.server_address[:2]
-    names = ", ".join(server.pool.names())
-    print(f"moetier: serving {names} on http://{h}:{p}/v1", flush=True)
+def _prompts(llm, kind: str, body: dict, tp) -> list[tuple[Optional[str], list[int]]]:
+    tok = llm.tokenizer
+    if kind == "chat":
+        return [(None, tools_mod.chat_ids(tok, [_message(dict(m)) for m in body["messages"]], tp))]
+    out = []
+    for p in prompts_of(body):
+        out.append((p, _require(tok).encode(p)) if isinstance(p, str) else (None, list(p)))
+    return out
+
+
+async def _generate(st: State, kind: str, req: Union[CompletionRequest, ChatCompletionRequest]):
+    t0 = time.perf_counter()  # TTFT counts from here: a model's load on first use is part of it
+    name = req.model
+    status = 500
+    if req.model_extra:
+        log.info("ignoring fields that are not OpenAI's or vLLM's: %s", ", ".join(sorted(req.model_extra)))
+    body = req.model_dump(by_alias=True)
+    if kind == "chat":
+        body["messages"] = [m.model_dump(exclude_none=True) for m in req.messages]
+    using: Optional[_Using] = None
+    streaming = False
+    admitted = False
     try:
-        server.serve_forever()
+        using = _Using(st, name)
+        tp = tools_mod.plan(body) if kind == "chat" else None
+        params = sampling_params(body, kind, tp.schema if tp is not None else None)
+        if params.structured_outputs is not None:
+            params.structured_outputs.grammar_text()  # a bad schema or regex is a 400 before anything runs
+        keep = parse_keep_alive(req.keep_alive)
+        st.admit()
+        admitted = True
+        entry = await using.ready()
+        llm = entry.llm
+        prompts = _prompts(llm, kind, body, tp)
+        for _, ids in prompts:
+            llm.engine.check_prompt(ids)
+            check_context(len(ids), params.max_tokens, llm.engine.max_model_len)
+        st.pool.keep_alive(name, keep if keep is not None else st.keep_alive)
+        opts = body.get("stream_options") or {}
+        job = Job(kind, name, prompts, params, bool(req.stream), bool(opts.get("include_usage")),
+                  echo=kind == "completion" and bool(body.get("echo")), tools=tp)
+        run = Run(job, entry, st.metrics, t0)
+        await run.start()
+        status = 200
+        if job.stream:
+            streaming = True
+            return StreamingResponse(_stream(st, using, run), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return JSONResponse(await run.body())
+        finally:
+            run.abort()
+    except ParamError as e:
+        status = 400
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
+    except RequestError as e:
+        status = 400
+        param = "response_format" if body.get("response_format") and "structured" in str(e) else (
+            "messages" if kind == "chat" else "prompt")
+        raise APIError(400, str(e), param=param, code="context_length_exceeded" if "context" in str(e) else None) \
+            from None
+    except APIError as e:
+        status = e.status
+        raise
     finally:
-        server.server_close()
+        if not streaming:
+            if using is not None:
+                using.release()
+            if admitted:
+                st.leave()
+        st.metrics.request_done(name if name in st.pool.entries else "unknown", status)
+
+
+async def _stream(st: State, using: _Using, run: Run):
+    try:
+        async for part in run.sse():
+            yield part
+    finally:
+        run.abort()
+        using.release()
+        st.leave()

@@ -40,6 +40,7 @@ class Entry:
     footprint: int = 0  # bytes it holds on the device once loaded (measured after the load)
     users: int = 0  # requests holding it; an entry in use is never evicted
     last_used: float = 0.0
+    keep_until: Optional[float] = None  # monotonic time after which an idle entry unloads (None: never)
 
     @property
     def loaded(self) -> bool:
@@ -96,6 +97,38 @@ class ModelPool:
             with self._lock:
                 entry.users -= 1
                 entry.last_used = time.monotonic()
+
+    def load(self, name: str) -> None:
+        """Load ``name`` now (``POST /v1/models/{id}/load``)."""
+        with self.use(name):
+            pass
+
+    def unload(self, name: str) -> bool:
+        """Unload ``name`` if it is loaded and idle; False if requests hold it (it stays loaded)."""
+        entry = self.entries[name]
+        with self._lock:
+            if not entry.loaded:
+                return True
+            if entry.users:
+                return False
+            held = _detach(entry)
+        log.info("unloading %s", name)
+        _release(*held)
+        return True
+
+    def keep_alive(self, name: str, seconds: Optional[float]) -> None:
+        """After its last request, keep ``name`` loaded ``seconds`` more (None or negative: forever)."""
+        with self._lock:
+            e = self.entries[name]
+            e.keep_until = None if seconds is None or seconds < 0 else time.monotonic() + seconds
+
+    def reap(self) -> list[str]:
+        """Unload the idle models whose keep_alive has run out; returns their names."""
+        now = time.monotonic()
+        with self._lock:
+            due = [e.name for e in self.entries.values()
+                   if e.loaded and e.users == 0 and e.keep_until is not None and e.keep_until <= now]
+        return [n for n in due if self.unload(n)]
 
     def close(self) -> None:
         for e in self.entries.values():

@@ -1,14 +1,20 @@
-"""Request parsing and response shapes of the OpenAI API, and its error body."""
+"""The OpenAI request bodies as pydantic models (what ``/docs`` and ``/openapi.json`` show), and the
+error body.
+
+Types are strict (``"5"`` is not a number, ``true`` is not an integer): a wrong type is a 400 that
+names the field. Fields OpenAI has and moetier does not implement are a 400 naming them when set
+(:data:`NOT_IMPLEMENTED`); fields OpenAI does not have are ignored and logged (``extra``).
+"""
 
 from __future__ import annotations
 
-import time
-import uuid
-from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Literal, Optional, Union
 
-from ..batch_file import _check_prompt_shape, completion_body, sampling_params, usage
-from ..runtime.sampling import SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from ..openai_api import MAX_LOGPROBS, MAX_N, NOT_IMPLEMENTED  # noqa: F401 - the limits the docs state
+
+Number = Union[StrictInt, StrictFloat]
 
 
 class APIError(Exception):
@@ -23,70 +29,211 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-@dataclass
-class ParsedRequest:
-    kind: str  # "chat" or "completion"
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    include_usage: Optional[StrictBool] = False
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    name: StrictStr = "response"
+    description: Optional[StrictStr] = None
+    json_schema: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[StrictBool] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of these."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    json_: Optional[Union[dict[str, Any], StrictStr]] = Field(default=None, alias="json")
+    regex: Optional[StrictStr] = None
+    choice: Optional[list[StrictStr]] = None
+    grammar: Optional[StrictStr] = None
+    json_object: Optional[StrictBool] = None
+
+
+class _Sampling(BaseModel):
+    """Fields both endpoints share (OpenAI's, then vLLM's extras)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    model: StrictStr
+    n: Optional[StrictInt] = Field(default=1, description=f"completions per prompt (at most {MAX_N})")
+    temperature: Optional[Number] = 1.0
+    top_p: Optional[Number] = 1.0
+    stream: Optional[StrictBool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    seed: Optional[StrictInt] = None
+    presence_penalty: Optional[Number] = 0.0
+    frequency_penalty: Optional[Number] = 0.0
+    logit_bias: Optional[dict[str, Number]] = None
+    user: Optional[StrictStr] = None
+    response_format: Optional[ResponseFormat] = None
+    # vLLM's extras
+    top_k: Optional[StrictInt] = -1
+    min_tokens: Optional[StrictInt] = 0
+    repetition_penalty: Optional[Number] = 1.0
+    ignore_eos: Optional[StrictBool] = False
+    stop_token_ids: Optional[list[StrictInt]] = None
+    include_stop_str_in_output: Optional[StrictBool] = False
+    skip_special_tokens: Optional[StrictBool] = True
+    structured_outputs: Optional[StructuredOutputs] = None
+    keep_alive: Optional[Union[Number, StrictStr]] = Field(
+        default=None, description="Ollama's: how long the model stays loaded after this request "
+                                  "(seconds, or '5m', '1h'; 0 unloads it right after; -1 forever)")
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: OpenAI's body, plus vLLM's sampling extras."""
+
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists")
+    max_tokens: Optional[StrictInt] = 16
+    logprobs: Optional[StrictInt] = Field(default=None, description=f"0..{MAX_LOGPROBS}")
+    echo: Optional[StrictBool] = False
+    best_of: Optional[StrictInt] = None
+    suffix: Optional[StrictStr] = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: StrictStr
+    description: Optional[StrictStr] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[StrictBool] = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[StrictStr, list[dict[str, Any]]]] = None
+    name: Optional[StrictStr] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_call_id: Optional[StrictStr] = None
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``: OpenAI's body, plus vLLM's sampling extras."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[StrictInt] = None
+    max_completion_tokens: Optional[StrictInt] = None
+    logprobs: Optional[StrictBool] = False
+    top_logprobs: Optional[StrictInt] = Field(default=None, description=f"0..{MAX_LOGPROBS}")
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a ``prompt``, or chat ``messages`` rendered with the template."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: StrictStr
+    prompt: Optional[StrictStr] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: Optional[StrictBool] = True
+    add_generation_prompt: Optional[StrictBool] = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: StrictStr
+    tokens: list[StrictInt]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "moetier"
+    loaded: bool
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[dict[str, Any]] = None
+    finish_reason: Optional[str] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
     model: str
-    body: dict
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
+    choices: list[CompletionChoice]
+    usage: Usage
 
 
-def parse_request(body, kind: str, models: list[str]) -> ParsedRequest:
-    """Check a request body; APIError (400, or 404 for an unknown model) says what is wrong."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, "model must be a non-empty string", param="model", code="invalid_type"
-                       if "model" in body else "missing_required_parameter")
-    if model not in models:
-        raise APIError(404, f"the model {model!r} does not exist; this server has {', '.join(models)}",
-                       param="model", code="model_not_found")
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise APIError(400, f"stream must be a boolean, got {stream!r}", param="stream", code="invalid_type")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise APIError(400, "stream_options must be an object", param="stream_options", code="invalid_type")
-    rest = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-    try:
-        _check_prompt_shape(rest, kind)
-    except (ValueError, TypeError) as e:
-        raise APIError(400, str(e), param="messages" if kind == "chat" else "prompt") from None
-    try:
-        params = sampling_params(rest, kind)
-    except (ValueError, TypeError) as e:
-        raise APIError(400, str(e)) from None
-    return ParsedRequest(kind, model, body, params, bool(stream), bool(opts.get("include_usage")))
+class ChatChoice(BaseModel):
+    index: int
+    message: dict[str, Any]
+    logprobs: Optional[dict[str, Any]] = None
+    finish_reason: Optional[str] = None
 
 
-def new_id(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
 
 
-def response(req: ParsedRequest, rid: str, outs: list, prompt_tokens: int, tokenizer) -> dict:
-    """The non-streamed response; ``outs`` are CompletionOutputs in index order."""
-    return completion_body(req.kind, rid, req.model, outs, prompt_tokens, tokenizer)
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
 
 
-def chunk(req: ParsedRequest, rid: str, index: int, text: Optional[str], finish_reason: Optional[str],
-          first: bool = False, logprobs: Optional[dict] = None) -> dict:
-    """One streamed chunk for choice ``index`` (``logprobs``: those of the tokens behind ``text``)."""
-    if req.kind == "chat":
-        delta: dict = {"role": "assistant"} if first else {}
-        if text is not None:
-            delta["content"] = text
-        choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": req.model, "choices": [choice]}
-
-
-def usage_chunk(req: ParsedRequest, rid: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": req.model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+class DetokenizeResponse(BaseModel):
+    prompt: str

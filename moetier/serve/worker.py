@@ -18,8 +18,15 @@ log = logging.getLogger(__name__)
 #   ("started", None)                     the engine took the request
 #   ("delta", (index, text, finish, lps)) new text for completion ``index`` (finish: None or a reason;
 #                                         lps: logprob entries of the tokens since the last delta, or None)
-#   ("done", [CompletionOutput, ...])     every completion finished
+#   ("done", Finished)                    every completion finished
 #   ("error", Exception)                  the request failed (before "started": RequestError)
+# ``out`` is anything with ``put(message)``: a queue.Queue, or the server's sink into an asyncio queue
+
+
+@dataclass
+class Finished:
+    outs: list  # CompletionOutputs in index order
+    prompt_logprobs: Optional[list] = None  # with SamplingParams(prompt_logprobs=k): vLLM's list
 
 
 @dataclass
@@ -55,6 +62,14 @@ class EngineWorker:
         """Requests submitted and not yet finished or aborted."""
         return len(self._live)
 
+    def waiting(self) -> int:
+        """Sequences queued in the engine, not yet running."""
+        return len(self.llm.engine.waiting)
+
+    def running(self) -> int:
+        """Sequences in the engine's running batch."""
+        return len(self.llm.engine.running)
+
     def stop(self, wait: Optional[float] = None) -> None:
         """Stop after the current step; wait up to ``wait`` seconds (None: until it has stopped)."""
         self._stopping = True
@@ -66,10 +81,10 @@ class EngineWorker:
             if self._thread.is_alive():
                 log.warning("waiting for the engine thread's step to end")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, queue.Queue]:
-        """Queue a request; returns its id and the queue its messages arrive on."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, out=None) -> tuple[str, object]:
+        """Queue a request; returns its id and the queue (``out``, or a new queue.Queue) its messages go to."""
         rid = uuid.uuid4().hex
-        out: queue.Queue = queue.Queue()
+        out = queue.Queue() if out is None else out
         self._cmds.put(("add", rid, prompt_ids, params, out))
         return rid, out
 
@@ -132,4 +147,6 @@ class EngineWorker:
             for rid, live in list(self._live.items()):
                 if all(s.finished for s in live.seqs):
                     del self._live[rid]
-                    live.out.put(("done", [s.out for s in live.seqs]))
+                    sink = live.seqs[0].prompt_sink
+                    live.out.put(("done", Finished([s.out for s in live.seqs],
+                                                   sink.entries if sink is not None else None)))
