@@ -65,7 +65,9 @@ def _add_model_args(p: argparse.ArgumentParser, many: bool = False, required: bo
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens to generate (default: 128, or what the context leaves after the prompt; "
+                        "more than the context leaves is an error)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
     g.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely tokens (default: -1 = off)")
@@ -114,7 +116,11 @@ def _print_stats(llm, args) -> None:
 
 
 def cmd_generate(args) -> int:
-    params = _sampling(args)
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read()
+    asked = args.max_tokens
+    args.max_tokens = asked or 128
+    params = _sampling(args)  # bad values fail before the model loads
     llm = _llm(args)
     prompt = args.prompt
     if args.chat:
@@ -123,6 +129,11 @@ def cmd_generate(args) -> int:
         prompt = {"prompt_token_ids": chat_prompt(llm.tokenizer, [{"role": "user", "content": args.prompt}])}
     elif llm.tokenizer is None:
         raise MoetierError("this model folder has no tokenizer, so it cannot take a text prompt")
+    from .openai_api import check_context
+
+    n = len(prompt["prompt_token_ids"]) if args.chat else len(llm.tokenizer.encode(prompt))
+    room = check_context(n, asked, llm.engine.max_model_len)  # --max-tokens past the context: one line
+    params.max_tokens = min(params.max_tokens, room)
     if not args.chat:
         sys.stdout.write(args.prompt)
     t0 = time.perf_counter()
@@ -459,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a continuation of --prompt (or a chat reply with --chat), "
                                    "printing tokens as they are produced.")
     _add_model_args(p)
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--prompt", required=True, help="the prompt text ('-': read it from standard input)")
     p.add_argument("--chat", action="store_true", help="treat --prompt as a user message and apply the chat template")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
@@ -582,10 +593,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=256, metavar="N",
                    help="requests served at once, all models; more get 429 (default: 256)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="info: model loads and evictions, one line per request (default); warning: problems only")
+                   help="info: model loads and evictions (default); debug: also one line per request; "
+                        "warning: problems only")
+    p.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
+                   help="unload a model this long after its last request (default: keep it loaded; a "
+                        "request's own keep_alive field overrides this)")
     p.set_defaults(func=cmd_serve)
 
     _add_bench_parser(sub)
+    from .cascade_cli import add_parser as _add_cascade_parser
+
+    _add_cascade_parser(sub)
     return parser
 
 

@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """A checkpoint folder, or ``"demo"`` for the model that ships with the package."""
-    if str(model) == "demo":
+    """A checkpoint folder, or ``"demo"`` / ``"demo-small"`` for the models that ship with the package."""
+    if str(model) in ("demo", "demo-small"):
         from .demo import demo_path
 
-        return demo_path()
+        return demo_path(str(model))
     return Path(model).expanduser()
 
 
@@ -83,6 +83,9 @@ class LLM:
         from .kernels.quant import parse_scheme
         from .weights.checksum import parse_verify
 
+        from .device_check import check_device
+
+        check_device(device)  # device="cuda" on a CPU-only torch: one clear line, before anything loads
         verify = parse_verify(verify)
         quant = (parse_scheme(quantization, quant_group_size), parse_scheme(quant_dense))  # bad values: fail first
         self.config = EngineConfig(str(model), device, dtype, max_model_len, max_num_seqs, max_batch_tokens, seed)

@@ -16,7 +16,16 @@ tokenizer (digits split one per token) is trained with ``tokenizers`` on the sam
 Output, in the Hugging Face layout: ``moetier/demo_model/`` (config.json,
 generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
 
+``--size small`` trains ``--model demo-small`` (``moetier/demo_small_model/``): the same corpus
+and the demo's own tokenizer files (copied byte for byte, so token ids are shared), a 2-layer,
+hidden-64, 4-expert model (0.29 M parameters, 1.2 MB) trained for ~6 minutes, so that it gets
+only part of the addition task right (about three answers in four): the small end of a
+confidence cascade (``moetier.cascade``). It leaves the task file alone and writes
+``moetier/tasks/addition_calibrate.jsonl``: 1000 more held-out additions, none in the task, to
+calibrate cascades on (the task stays the held-out split).
+
     PYTHONPATH=. python scripts/train_demo.py            # ~20 min on one CPU core
+    PYTHONPATH=. python scripts/train_demo.py --size small   # moetier/demo_small_model/, a few minutes
     PYTHONPATH=. python scripts/train_demo.py --steps 50 --out /tmp/demo --task /tmp/task.jsonl   # smoke run
 """
 
@@ -55,6 +64,15 @@ MODEL_CONFIG = dict(
     num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=128, rope_theta=10000.0,
     rms_norm_eps=1e-5, tie_word_embeddings=False, router_aux_loss_coef=0.01,
 )
+
+# --size small: the cascade's small model; same tokenizer, vocabulary and context
+SMALL_CONFIG = dict(MODEL_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_local_experts=4)
+SIZES = {"demo": MODEL_CONFIG, "small": SMALL_CONFIG}
+DEFAULT_OUT = {"demo": ROOT / "moetier" / "demo_model", "small": ROOT / "moetier" / "demo_small_model"}
+# the small run's defaults: steps (at batch 128), learning rate, and a time budget it finishes well
+# within (~6 min on one core), so that the run is deterministic
+SMALL_STEPS, SMALL_LR, SMALL_BUDGET_MIN = 3000, 2e-3, 12.0
 
 # ---------------------------------------------------------------------------- corpus
 
@@ -229,9 +247,14 @@ def train(args) -> None:
     from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
 
     t_start = time.perf_counter()
-    tok = train_tokenizer(random.Random(SEED + 1), args.vocab)
+    if args.size == "demo":
+        tok = train_tokenizer(random.Random(SEED + 1), args.vocab)
+    else:  # the demo's tokenizer as shipped: both models must share token ids
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(str(DEFAULT_OUT["demo"]))
     cfg = MixtralConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, output_router_logits=True, **MODEL_CONFIG)
+                        pad_token_id=tok.pad_token_id, output_router_logits=True, **SIZES[args.size])
     model = MixtralForCausalLM(cfg).float().train()
     n_params = sum(p.numel() for p in model.parameters())
     active = n_params - sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) * (
@@ -288,7 +311,13 @@ def train(args) -> None:
     print(f"training: {step} steps in {train_s:.0f} s ({train_s / 60:.1f} min); final loss (avg) "
           f"{running:.4f}; held-out exact match (1000 items) {final:.3f}", flush=True)
     save(model, tok, cfg, Path(args.out), GenerationConfig)
-    write_task(Path(args.task), args.task_items)
+    if args.size == "demo":
+        write_task(Path(args.task), args.task_items)
+    else:  # byte for byte the demo's tokenizer files, whatever this transformers version writes
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(DEFAULT_OUT["demo"] / name, Path(args.out) / name)
+        write_calibration_task(Path(args.task), Path(args.task).with_name("addition_calibrate.jsonl"),
+                               args.calibration_items)
     print(f"total time {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
@@ -339,20 +368,46 @@ def write_task(path: Path, n: int) -> None:
     print(f"wrote {path} ({n} held-out items)", flush=True)
 
 
+def write_calibration_task(task: Path, path: Path, n: int) -> None:
+    """More held-out additions, from their own seed, none of them in ``task``: a cascade's
+    thresholds are picked on these and checked on the task."""
+    taken = {json.loads(line)["prompt"] for line in task.read_text().splitlines() if line.strip()}
+    rng, lines = random.Random(SEED + 6), []
+    while len(lines) < n:
+        a, b = addition_pair(rng, held_out=True)
+        if f"{a}+{b}=" not in taken:
+            taken.add(f"{a}+{b}=")
+            lines.append(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}))
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path} ({n} held-out items for calibration)", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--time-budget", type=float, default=21.0, help="minutes; the schedule ends by then")
+    p.add_argument("--size", default="demo", choices=sorted(SIZES),
+                   help="demo (the shipped demo model) or small (demo-small, the cascade's small model)")
+    p.add_argument("--steps", type=int, default=None, help=f"default: 5000 (--size small: {SMALL_STEPS})")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help=f"minutes; the schedule ends by then (default: 21; --size small: {SMALL_BUDGET_MIN:g})")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help=f"default: 1e-3 (--size small: {SMALL_LR:g})")
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared or busy machine, 2 threads run 4x slower)")
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--out", default=str(ROOT / "moetier" / "demo_model"))
-    p.add_argument("--task", default=str(ROOT / "moetier" / "tasks" / "addition.jsonl"))
+    p.add_argument("--out", default=None, help="default: moetier/demo_model (--size small: moetier/demo_small_model)")
+    p.add_argument("--task", default=str(ROOT / "moetier" / "tasks" / "addition.jsonl"),
+                   help="where the held-out task goes (--size demo only)")
     p.add_argument("--task-items", type=int, default=200)
-    train(p.parse_args())
+    p.add_argument("--calibration-items", type=int, default=1000,
+                   help="--size small: held-out additions written beside --task to calibrate cascades on")
+    args = p.parse_args()
+    small = args.size == "small"
+    args.steps = args.steps if args.steps is not None else (SMALL_STEPS if small else 5000)
+    args.time_budget = args.time_budget if args.time_budget is not None else (SMALL_BUDGET_MIN if small else 21.0)
+    args.lr = args.lr if args.lr is not None else (SMALL_LR if small else 1e-3)
+    args.out = args.out or str(DEFAULT_OUT[args.size])
+    train(args)
 
 
 if __name__ == "__main__":
