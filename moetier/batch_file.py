@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
+from .cascade import answered_by
 from .errors import CheckpointError, MoetierError, RequestError
 from .openai_api import check_shape, prompts_of, sampling_params, text_content
 from .openai_bodies import completion_body, completion_choice, logprobs_of, usage  # noqa: F401 - re-exported
@@ -308,7 +309,9 @@ def run_batch(llm, input_path: Union[str, Path], output_path: Union[str, Path], 
                     got[i] = out
                     g = owner[i]
                     if all(j in got for j in groups[g]):
-                        writer.write(result_entry(todo[g], [got.pop(j) for j in groups[g]], model, llm.tokenizer))
+                        outs = [got.pop(j) for j in groups[g]]
+                        # a cascade's answers (moetier batch --cascade) name the model that gave them
+                        writer.write(result_entry(todo[g], outs, answered_by(outs) or model, llm.tokenizer))
                         answered.add(g)
             except CheckpointError as e:  # every request left needed the bad bytes (see the module doc)
                 log.error("the run stopped: %s", e)

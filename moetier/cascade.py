@@ -41,7 +41,7 @@ RULES = ("product", "mean", "min", "entropy")
 # measured on held-out additions by bench/cascade.py (demo-small's answers; see the README)
 DEFAULT_RULE = "min"
 # the threshold used when none is given: demo-small -> demo calibrated on the addition task
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = 0.5934
 ENTROPY_TOP = 20
 FILE_VERSION = 1
 
@@ -157,6 +157,13 @@ def read_calibration(path: str | Path) -> dict:
     return data
 
 
+def answered_by(outs: Seq) -> Optional[str]:
+    """The model that answered these outputs of one request (the largest, when its prompts went to
+    different models); None when they are not a cascade's."""
+    levels = [(o.level, o.model) for o in outs if isinstance(o, CascadeOutput)]
+    return max(levels)[1] if levels else None
+
+
 def model_name(model) -> str:
     """The name a cascade reports for a model: what it was loaded as (``demo-small``, a folder name)."""
     given = getattr(getattr(model, "config", None), "model", None) if not isinstance(model, (str, Path)) else model
@@ -248,6 +255,18 @@ class Cascade:
     @property
     def tokenizer(self):
         return self.models[0].tokenizer
+
+    def stats(self) -> dict:
+        """The models' expert-cache counters summed (empty when every model is all-resident)."""
+        parts = [m.stats() for m in self.models]
+        total: dict = {}
+        for part in parts:
+            for k, v in part.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    total[k] = total.get(k, 0) + v
+        if "hits" in total and "misses" in total:
+            total["hit_rate"] = round(total["hits"] / max(1, total["hits"] + total["misses"]), 4)
+        return total
 
     def shares(self) -> dict[str, float]:
         """The share of requests each model has answered since the cascade was made."""

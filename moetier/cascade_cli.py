@@ -30,6 +30,24 @@ def parse_spec(spec: str) -> dict:
     return {"models": models, "rule": DEFAULT_RULE, "thresholds": [DEFAULT_THRESHOLD] * (len(models) - 1)}
 
 
+def serve_cascades(values: list[str], models: dict[str, str]) -> dict[str, dict]:
+    """``moetier serve --cascade NAME=SPEC`` values as {NAME: {"name", "models", "rule", "thresholds"}};
+    each cascade model that is not a ``--model`` id is added to ``models`` under its own name."""
+    out: dict[str, dict] = {}
+    for v in values:
+        name, sep, spec = v.partition("=")
+        if not (sep and name and spec):
+            raise CascadeError(f"--cascade takes NAME=A,B or NAME=FILE, got {v!r}")
+        if name in models or name in out:
+            raise CascadeError(f"--cascade: the id {name!r} is already taken")
+        data = parse_spec(spec)
+        for m in data["models"]:
+            models.setdefault(m, m)
+        out[name] = {"name": name, "models": list(data["models"]), "rule": data["rule"],
+                     "thresholds": list(data["thresholds"])}
+    return out
+
+
 def open_cascade(spec: str, **llm_options) -> Cascade:
     """The cascade ``spec`` (see :func:`parse_spec`) names, its models loaded with ``llm_options``."""
     data = parse_spec(spec)

@@ -20,7 +20,7 @@ Use --model demo for the small model that ships with the package."""
 def _add_model_args(p: argparse.ArgumentParser, many: bool = False, required: bool = True) -> None:
     g = p.add_argument_group("model")
     if many:
-        g.add_argument("--model", required=True, action="append", metavar="[ID=]PATH",
+        g.add_argument("--model", required=required, action="append", metavar="[ID=]PATH",
                        help="a checkpoint folder (or 'demo') to serve, repeatable; clients name it by ID, "
                             "or by PATH as given when there is no ID=. Each loads on its first request.")
     else:
@@ -244,7 +244,16 @@ def cmd_batch(args) -> int:
 
     if not Path(args.input).exists():  # before the model loads
         raise FileNotFoundError(f"{args.input}: no such input file")
-    llm = _llm(args)
+    if args.cascade is None and args.model is None:
+        raise MoetierError("moetier batch needs --model (or --cascade)")
+    if args.cascade is not None:
+        from .cascade_cli import open_cascade
+
+        _set_threads(args)
+        llm = open_cascade(args.cascade, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+        args.model = args.model or args.cascade
+    else:
+        llm = _llm(args)
     try:
         summary = run_batch(llm, args.input, args.output, model=args.model, explain=args.explain,
                             use_tqdm=not args.quiet, retry_errors=args.retry_errors)
@@ -330,7 +339,12 @@ def cmd_serve(args) -> int:
         raise MoetierError(f"moetier serve needs the serve extra ({e.name} is missing): pip install fastapi uvicorn "
                            "llguidance, or pip install -e '.[serve]' from a checkout") from None
 
-    models = serve_models(args.model)
+    models = serve_models(args.model or [])
+    from .cascade_cli import serve_cascades
+
+    cascades = serve_cascades(args.cascade or [], models)  # adds the cascades' models to models
+    if not models:
+        raise MoetierError("moetier serve needs a --model (or a --cascade)")
     total = args.device_memory or (args.host_memory if args.device == "cpu" else None)
     budget = resolve_budget(total, args.device)
 
@@ -357,8 +371,10 @@ def cmd_serve(args) -> int:
         return _llm(args, model=path, device_memory=device_memory, offload_dir=offload_dir,
                     host_memory=args.host_memory if device_memory is not None else None)
 
-    serve(make_server(models, load, host=args.host, port=args.port, api_key=args.api_key, budget=budget,
-                      max_requests=args.max_requests, keep_alive=args.keep_alive, log_level=args.log_level))
+    server = make_server(models, load, host=args.host, port=args.port, api_key=args.api_key, budget=budget,
+                         max_requests=args.max_requests, keep_alive=args.keep_alive, log_level=args.log_level)
+    server.pool.cascades = cascades  # read by the app's generation endpoints (moetier/cascade_serve.py)
+    serve(server)
     return 0
 
 
@@ -516,7 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "per line), in big planned passes, appending one result line per request to --output as\n"
                     "it finishes. Re-running with the same --output skips the custom_ids already there, so an\n"
                     "interrupted job resumes where it stopped. A malformed line gets an error entry.")
-    _add_model_args(p)
+    _add_model_args(p, required=False)
+    p.add_argument("--cascade", default=None, metavar="A,B|FILE",
+                   help="instead of --model, a confidence cascade: the whole file through A in throughput mode, "
+                        "then the requests A is unsure of through B (FILE: a moetier cascade calibrate file); "
+                        "each result's model names the model that answered, bodies may name the cascade "
+                        "as --model NAME (default: the A,B list)")
     p.add_argument("--input", required=True, metavar="FILE", help="requests, JSONL")
     p.add_argument("--output", required=True, metavar="FILE", help="results, JSONL (appended to; resumed from)")
     p.add_argument("--explain", action="store_true",
@@ -585,7 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "within it. Without a budget nothing is evicted.\n\n"
                     "  moetier serve --model demo\n"
                     "  moetier serve --model mixtral=/models/Mixtral-8x7B --model olmoe=/models/OLMoE --device-memory 20GiB")
-    _add_model_args(p, many=True)
+    _add_model_args(p, many=True, required=False)
+    p.add_argument("--cascade", action="append", default=None, metavar="NAME=A,B|NAME=FILE",
+                   help="also serve the model id NAME as a confidence cascade: A answers, B when A is unsure "
+                        "(models by --model id or path; FILE: a moetier cascade calibrate file); repeatable")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None,

@@ -315,6 +315,11 @@ async def _generate(st: State, kind: str, req: Union[CompletionRequest, ChatComp
     body = req.model_dump(by_alias=True)
     if kind == "chat":
         body["messages"] = [m.model_dump(exclude_none=True) for m in req.messages]
+    cascade = getattr(st.pool, "cascades", {}).get(name)
+    if cascade is not None:  # moetier serve --cascade NAME=...: moetier/cascade_serve.py answers it
+        from ..cascade_serve import generate as cascade_generate
+
+        return await cascade_generate(st, kind, req, body, cascade)
     using: Optional[_Using] = None
     streaming = False
     admitted = False
