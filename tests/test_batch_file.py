@@ -181,3 +181,29 @@ def test_cli_batch_explain_and_run(folder, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["written"] == 4 and len(_read(out)) == 4
     assert main(["batch", "--model", str(folder), "--input", str(tmp_path / "nope.jsonl"), "--output", str(out)]) == 1
+
+
+def test_duplicates_survive_resume_retry_errors_and_model_check(llm, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [_line("a", prompt=["abc", "abd"], max_tokens=3, temperature=0),  # a list prompt: two choices
+             _line("a", prompt="abc", max_tokens=3),  # a duplicate id
+             _line("b", prompt="abc", max_tokens=3, model="other")]
+    inp.write_text("\n".join(lines) + "\n")
+    # the first run stops right after the first result, before the duplicate's error is written
+    with pytest.raises(RuntimeError):
+        run_batch(llm, inp, out, model="tiny", use_tqdm=False,
+                  on_result=lambda e: (_ for _ in ()).throw(RuntimeError("crash")) if e["response"] else None)
+    run_batch(llm, inp, out, model="tiny", use_tqdm=False)
+    entries = _read(out)
+    codes = sorted(e["error"]["code"] for e in entries if e["error"])
+    assert codes == ["duplicate_custom_id", "model_not_found"]
+    ok = [e for e in entries if e["response"]]
+    assert len(ok) == 1 and [c["index"] for c in ok[0]["response"]["body"]["choices"]] == [0, 1]
+    # errors are final unless asked: --retry-errors runs b again (fixed in the input) and nothing else
+    inp.write_text("\n".join(lines[:2] + [_line("b", prompt="abc", max_tokens=3)]) + "\n")
+    assert run_batch(llm, inp, out, model="tiny", use_tqdm=False)["to_run"] == 0
+    summary = run_batch(llm, inp, out, model="tiny", use_tqdm=False, retry_errors=True)
+    assert summary["to_run"] == 1
+    entries = _read(out)
+    assert sorted(e["custom_id"] or "dup" for e in entries) == ["a", "b", "dup"]
+    assert [e["error"]["code"] for e in entries if e["error"]] == ["duplicate_custom_id"]
