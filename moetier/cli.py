@@ -394,8 +394,8 @@ def cmd_bench(args) -> int:
     from .bench.report import markdown_table
     from .bench.run import BenchConfig, run_bench
 
-    if args.model is None:
-        args.parser.error("the following arguments are required: --model (or: moetier bench report DIR ...)")
+    if args.model is None and args.cascade is None:
+        args.parser.error("the following arguments are required: --model (or --cascade, or: moetier bench report DIR ...)")
     _set_threads(args)
     memory = {k: v for k, v in (("device_memory", args.device_memory), ("host_memory", args.host_memory),
                                 ("offload_dir", args.offload_dir)) if v is not None}
@@ -406,7 +406,9 @@ def cmd_bench(args) -> int:
     if args.verify != "first-read":
         memory["verify"] = args.verify
     cfg = BenchConfig(
-        model=args.model, out=Path(args.out or f"bench-results/{args.system}-{Path(args.model).name}"),
+        model=args.model or args.cascade, cascade=args.cascade,
+        out=Path(args.out or (f"bench-results/cascade-{Path(args.cascade).name.replace(',', '-')}" if args.cascade
+                              else f"bench-results/{args.system}-{Path(args.model).name}")),
         system=args.system, workload=args.workload, input_len=args.input_len, output_len=args.output_len,
         batch=args.batch, concurrency=args.concurrency, num_prompts=args.num_prompts, hardware=args.hardware,
         usd_per_hour=args.price_per_hour, watts=args.watts, task=args.task, task_limit=args.task_limit,
@@ -434,9 +436,13 @@ def _add_bench_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=BENCH_DESCRIPTION)
     _add_model_args(p, required=False)
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", default="fixed", metavar="fixed|FILE",
-                   help='"fixed": --num-prompts prompts of --input-len random token ids (default); or a JSONL '
-                        'file, one {"prompt": ..., "max_tokens": N (optional)} per line')
+    g.add_argument("--workload", default="fixed", metavar="fixed|task|FILE",
+                   help='"fixed": --num-prompts prompts of --input-len random token ids (default); "task": the '
+                        "--task prompts, each up to its answer's length + 2 tokens, ending at end-of-sequence; or "
+                        'a JSONL file, one {"prompt": ..., "max_tokens": N (optional)} per line')
+    g.add_argument("--cascade", default=None, metavar="A,B|FILE",
+                   help="instead of --model, a confidence cascade (models smallest first, or a moetier cascade "
+                        "calibrate file): also reports the share each model answered (best with --workload task)")
     g.add_argument("--input-len", type=int, default=64, metavar="N", help="fixed prompt length in tokens (default: 64)")
     g.add_argument("--output-len", type=int, default=32, metavar="N",
                    help="tokens each request generates, end-of-sequence ignored (default: 32)")

@@ -55,9 +55,14 @@ def _work(r: dict) -> str:
     return f"{w['prompts']} × {w['mean_input_tokens']:g} → {w['mean_output_tokens']:g} tokens, {slots}"
 
 
-def _group(r: dict) -> str:
-    """Runs with the same group did the same work: same model and workload."""
-    return f"{Path(r['model']).name}: {_work(r)}"
+def _group(r: dict, cascades: Optional[dict] = None) -> str:
+    """Runs with the same group did the same work: same model and workload. A single model that is
+    part of a cascade among the results (``cascades``, see ``cascade_run.cascade_group``) joins the
+    cascade's group, so that the cascade and its models alone share a chart."""
+    name = Path(r["model"]).name
+    if cascades and not r.get("cascade") and name in cascades:
+        name = cascades[name]
+    return f"{name}: {_work(r)}"
 
 
 def _get(r: dict, *keys) -> Optional[float]:
@@ -130,9 +135,12 @@ def _figure(**kw):
 
 def draw_radar(results: list[dict], path: Path) -> None:
     """One polar chart per model and workload, a polygon per run."""
+    from .cascade_run import cascade_group
+
+    cascades = cascade_group(results)
     groups: dict[str, list[dict]] = {}
     for r in results:
-        groups.setdefault(_group(r), []).append(r)
+        groups.setdefault(_group(r, cascades), []).append(r)
     fig = _figure(figsize=(4.8 * len(groups), 5.8), layout="constrained")
     angles = [2 * math.pi * i / len(AXES) for i in range(len(AXES))]
     for n, (title, runs) in enumerate(groups.items()):
@@ -142,6 +150,8 @@ def draw_radar(results: list[dict], path: Path) -> None:
             name = f"{r['system']} ({r['hardware']['name']})" if several_hw else r["system"]
             if quant_label(r):  # runs of one model at several quantizations share a chart
                 name += f" · {quant_label(r)}"
+            if len({x["model"] for x in runs}) > 1:  # a cascade and its models share a chart
+                name += f" · {Path(r['model']).name}"
             ax.plot(angles + angles[:1], row + row[:1], linewidth=2, label=name)
             ax.fill(angles + angles[:1], row + row[:1], alpha=0.15)
         scored = any(_get(r, "accuracy", "accuracy") is not None for r in runs)
@@ -181,6 +191,11 @@ def write_report(dirs: list[Path], out: Path) -> str:
     draw_radar(results, out / "radar.png")
     draw_utilization(results, out / "utilization.png")
     table = markdown_table(results)
+    for r in results:  # who answered a cascade's requests
+        if r.get("cascade"):
+            shares = ", ".join(f"{m} {100 * v:.0f} %" for m, v in r["cascade"]["answered_share"].items())
+            table += f"\n\ncascade {r['model']} ({r['cascade']['rule']}, thresholds {r['cascade']['thresholds']}): " \
+                     f"answered {shares}; per request {_fmt(_get(r, 'cost', 'joules_per_request'))} J"
     (out / "report.md").write_text(
         "# moetier bench report\n\n![radar](radar.png)\n\n![utilization](utilization.png)\n\n" + table + "\n\n"
         "S-MBU / S-MFU: bytes / FLOPs a step needs given the experts it activated, over its time, over the "

@@ -52,6 +52,7 @@ class BenchConfig:
     dtype: Optional[str] = None
     llm_options: dict = field(default_factory=dict)  # moetier's LLM(...) memory options (offloading)
     progress: bool = True
+    cascade: Optional[str] = None  # "A,B" or a calibration file: run this cascade (moetier/bench/cascade_run.py)
 
     @property
     def slots(self) -> int:
@@ -67,6 +68,8 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.system == "transformers" and self.workload == "task":
+            raise BenchError("--workload task needs --system moetier (requests that end at end-of-sequence)")
         if self.system == "transformers":
             if self.concurrency is not None:
                 raise BenchError("--concurrency needs --system moetier (transformers' generate runs static "
@@ -80,14 +83,22 @@ class BenchConfig:
 def run_bench(cfg: BenchConfig) -> dict:
     """Run the benchmark ``cfg`` describes, write ``cfg.out/result.json`` and return its content."""
     cfg.check()
+    if cfg.cascade is not None:
+        from .cascade_run import run_cascade_bench
+
+        return run_cascade_bench(cfg, RESULT_VERSION)
     path = resolve_model_path(cfg.model)
     family, args, _ = load_args(path)  # a bad model folder fails here
-    texts = None if cfg.workload == "fixed" else workload.read_file(cfg.workload, cfg.output_len)
+    texts = None if cfg.workload in ("fixed", "task") else workload.read_file(cfg.workload, cfg.output_len)
     task_file = cfg.task or str(_demo_task())
     items = load_task(task_file, cfg.task_limit)
     system = _load(cfg, path)
     try:
-        if texts is None:
+        if cfg.workload == "task":  # the task's prompts, each ending at end-of-sequence
+            from .cascade_run import task_workload
+
+            requests = task_workload(items, system.tokenizer)
+        elif texts is None:
             count = cfg.num_prompts or (4 * cfg.concurrency if cfg.concurrency else cfg.slots)
             requests = workload.fixed(args.vocab_size, cfg.input_len, cfg.output_len, count)
         else:
@@ -124,6 +135,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
+    from .cascade_run import per_request
+
+    result["cost"].update(per_request(hw, record.seconds, len(requests)))  # comparable with a cascade's
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -25,14 +25,30 @@ class MoetierSystem:
 
     def __init__(self, model: str, device: str, dtype, slots: int, **llm_options):
         # the engine may run more sequences at once than the benchmark's slots (the accuracy task uses that)
-        self.llm = LLM(model, device=device, dtype=dtype, max_num_seqs=max(slots, 64), **llm_options)
+        self._attach(LLM(model, device=device, dtype=dtype, max_num_seqs=max(slots, 64), **llm_options))
+
+    def _attach(self, llm) -> None:
+        self.llm = llm
         self.tokenizer = self.llm.tokenizer
         self.dtype = self.llm.engine.dtype
         self.device = self.llm.engine.device
+        self.outputs: dict = {}  # request id -> its CompletionOutputs, from the last run
+        self.submitted: dict = {}  # request id -> when the last run handed it to the engine
 
-    def run(self, requests: list[Request], slots: int, continuous: bool, bar) -> RunRecord:
-        """Generate every request (greedy, exactly ``max_tokens`` each); time every step."""
+    @classmethod
+    def wrap(cls, llm) -> "MoetierSystem":
+        """A system over an already loaded LLM (the models of a cascade)."""
+        system = cls.__new__(cls)
+        system._attach(llm)
+        return system
+
+    def run(self, requests: list[Request], slots: int, continuous: bool, bar, logprobs=None,
+            token_times: dict | None = None) -> RunRecord:
+        """Generate every request (greedy, exactly ``max_tokens`` each unless ``Request.eos``); time
+        every step. ``logprobs``: also keep each token's log-probability (and this many alternatives);
+        ``token_times``: filled with each request's token times."""
         engine, record = self.llm.engine, RunRecord()
+        self.outputs, self.submitted = {}, {}
         pending = deque(enumerate(requests))
         running: set[str] = set()
         layout: list = []  # the (starts, lengths) of the step the model runs, from its forward pre-hook
@@ -45,9 +61,11 @@ class MoetierSystem:
                 if continuous or not running:
                     while pending and len(running) < slots:
                         i, r = pending.popleft()
-                        engine.add_request(str(i), r.prompt_ids,
-                                           SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True))
-                        record.submitted(str(i), time.perf_counter())
+                        seqs = engine.add_request(str(i), r.prompt_ids, SamplingParams(
+                            max_tokens=r.max_tokens, temperature=0, ignore_eos=not r.eos, logprobs=logprobs))
+                        self.outputs[str(i)] = [s.out for s in seqs]
+                        self.submitted[str(i)] = time.perf_counter()
+                        record.submitted(str(i), self.submitted[str(i)])
                         running.add(str(i))
                 t = time.perf_counter()
                 events = engine.step()
@@ -56,6 +74,8 @@ class MoetierSystem:
                 record.step(now - t, starts, lengths, counts.take_distinct())
                 for ev in events:
                     record.token(ev.seq.request_id, now)
+                    if token_times is not None:
+                        token_times.setdefault(ev.seq.request_id, []).append(now)
                     if ev.finished:
                         running.discard(ev.seq.request_id)
                         bar.update(1)

@@ -24,6 +24,7 @@ from ..tokenizer import require
 class Request:
     prompt_ids: list[int]
     max_tokens: int
+    eos: bool = False  # stop at end-of-sequence (``--workload task``); else exactly max_tokens
 
 
 def fixed(vocab_size: int, input_len: int, output_len: int, count: int, seed: int = 0) -> list[Request]:
