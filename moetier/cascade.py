@@ -174,6 +174,20 @@ def model_name(model) -> str:
 PromptType = Union[str, dict, list[int]]
 
 
+class _CascadePlan:
+    """The first model's throughput plan, explained after the cascade's memory split."""
+
+    def __init__(self, plan, name: str, memory):
+        self.plan, self.name, self.memory = plan, name, memory
+
+    def explain(self) -> str:
+        head = self.memory.explain() + "\n" if self.memory is not None else ""
+        return f"{head}{self.name} (every request reaches it): {self.plan.explain()}"
+
+    def __getattr__(self, key):
+        return getattr(self.plan, key)
+
+
 class Cascade:
     """Answer each request with the first model that is confident enough; shaped like :class:`~moetier.LLM`.
 
@@ -188,7 +202,7 @@ class Cascade:
     """
 
     def __init__(self, models: Seq, thresholds: Union[float, Seq[float]] = DEFAULT_THRESHOLD, rule: str = DEFAULT_RULE,
-                 names: Optional[Seq[str]] = None, **llm_options):
+                 names: Optional[Seq[str]] = None, own_models: bool = False, **llm_options):
         if len(models) < 2:
             raise CascadeError(f"a cascade needs at least two models, got {len(models)}")
         self.rule = check_rule(rule)
@@ -196,7 +210,8 @@ class Cascade:
         self.names = list(names) if names is not None else [model_name(m) for m in models]
         if len(self.names) != len(models):
             raise CascadeError(f"got {len(self.names)} names for {len(models)} models")
-        self._owned = [isinstance(m, (str, Path)) for m in models]
+        self._owned = [own_models or isinstance(m, (str, Path)) for m in models]  # closed by close()
+        self.memory_plan = None  # a cascade_memory.MemoryPlan when the models were placed within a budget
         self.models: list = []
         try:
             for m in models:
@@ -221,8 +236,9 @@ class Cascade:
         return dataclasses.replace(self.models[0].config, model=",".join(self.names))
 
     def plan(self, prompts, sampling_params=None):
-        """The first model's throughput plan for all the prompts (every request reaches it)."""
-        return self.models[0].plan(prompts, sampling_params)
+        """The first model's throughput plan for all the prompts (every request reaches it); its
+        ``explain()`` starts with the cascade's memory split when there is one."""
+        return _CascadePlan(self.models[0].plan(prompts, sampling_params), self.names[0], self.memory_plan)
 
     @staticmethod
     def _load(model, options: dict):

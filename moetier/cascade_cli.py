@@ -48,10 +48,36 @@ def serve_cascades(values: list[str], models: dict[str, str]) -> dict[str, dict]
     return out
 
 
-def open_cascade(spec: str, **llm_options) -> Cascade:
-    """The cascade ``spec`` (see :func:`parse_spec`) names, its models loaded with ``llm_options``."""
+def open_cascade(spec: str, device_memory=None, **llm_options) -> Cascade:
+    """The cascade ``spec`` (see :func:`parse_spec`) names, its models loaded with ``llm_options``.
+
+    ``device_memory`` (bytes, or a size such as ``"20MiB"``): the cascade's whole budget, divided
+    between its models by :func:`moetier.cascade_memory.plan_for` (``cascade.memory_plan`` says how)."""
     data = parse_spec(spec)
-    return Cascade(data["models"], data["thresholds"], data["rule"], names=data["models"], **llm_options)
+    if device_memory is None:
+        return Cascade(data["models"], data["thresholds"], data["rule"], names=data["models"], **llm_options)
+    from .cascade_memory import plan_for
+    from .llm import LLM
+    from .units import parse_size
+
+    from .ram import resolve_budget
+
+    plan = plan_for(data, parse_size(resolve_budget(device_memory, llm_options.get("device", "cpu"))))
+    models: list = []
+    try:
+        for m, dm in zip(data["models"], plan.device_memory):
+            opts = dict(llm_options)
+            if opts.get("offload_dir"):  # each model's packed copy and traces in a folder of its own
+                opts["offload_dir"] = str(Path(opts["offload_dir"]) / "".join(c if c.isalnum() or c in "-_." else "_"
+                                                                              for c in m))
+            models.append(LLM(m, device_memory=dm, **opts))
+    except BaseException:
+        for llm in models:
+            llm.close()
+        raise
+    cascade = Cascade(models, data["thresholds"], data["rule"], names=data["models"], own_models=True)
+    cascade.memory_plan = plan
+    return cascade
 
 
 def _options(args) -> dict:

@@ -250,7 +250,8 @@ def cmd_batch(args) -> int:
         from .cascade_cli import open_cascade
 
         _set_threads(args)
-        llm = open_cascade(args.cascade, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+        llm = open_cascade(args.cascade, device_memory=args.device_memory or args.host_memory, device=args.device,
+                           dtype=args.dtype, max_model_len=args.max_model_len, offload_dir=args.offload_dir)
         args.model = args.model or args.cascade
     else:
         llm = _llm(args)

@@ -216,3 +216,26 @@ def test_cli_calibrate_then_eval(tmp_path, capsys):
     assert sum(ev["answered_share"].values()) == pytest.approx(1.0)
     assert main(["cascade", "eval", "--cascade", "demo-small", "--quiet"]) == 1
     assert "two models or more" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- memory split
+
+
+def test_memory_split_by_traffic_per_byte():
+    from moetier.cascade_memory import plan_memory, reach_shares
+
+    reach = reach_shares({"models": ["s", "m", "l"], "calibration": {"answered_share": {"s": 0.6, "m": 0.3, "l": 0.1}}})
+    assert reach == pytest.approx([1.0, 0.4, 0.1])
+    assert reach_shares({"models": ["s", "l"]}) == [1.0, 1.0]  # nothing measured
+    # all fit: all resident
+    p = plan_memory(["s", "m", "l"], [10, 40, 100], reach, 200)
+    assert p.device_memory == [None, None, None]
+    # 60 bytes: s (0.1 per byte) and m (0.01) stay, l (0.001) is offloaded within the 10 left
+    p = plan_memory(["s", "m", "l"], [10, 40, 100], reach, 60)
+    assert p.device_memory == [None, None, 10]
+    assert "l: " in p.explain() and "offloaded" in p.explain().splitlines()[3]
+    # 30 bytes: only s fits; m and l share the 20 left by their reach (0.4 : 0.1)
+    p = plan_memory(["s", "m", "l"], [10, 40, 100], reach, 30)
+    assert p.device_memory == [None, 16, 4]
+    with pytest.raises(CascadeError, match="leaves nothing"):
+        plan_memory(["s", "l"], [10, 100], [1.0, 0.5], 10)

@@ -90,3 +90,20 @@ def test_batch_needs_a_model_or_cascade(tmp_path, capsys):
     inp.write_text("")
     assert main(["batch", "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]) == 1
     assert "--model (or --cascade)" in capsys.readouterr().err
+
+
+def test_batch_explain_splits_the_budget(tmp_path, capsys):
+    cal = tmp_path / "c.json"
+    cal.write_text(json.dumps({"models": ["demo-small", "demo"], "rule": "min", "thresholds": [0.6],
+                               "calibration": {"answered_share": {"demo-small": 0.7, "demo": 0.3}}}))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                               "body": {"prompt": "1+2=", "max_tokens": 4}}) + "\n")
+    args = ["batch", "--cascade", str(cal), "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--explain",
+            "--offload-dir", str(tmp_path / "off"), "--quiet"]
+    assert main(args + ["--device-memory", "10MiB"]) == 0
+    text = capsys.readouterr().out
+    assert "demo-small: " in text and "reached by 100 % of requests -> resident" in text
+    assert "demo: " in text and "reached by 30 % of requests -> offloaded" in text
+    assert main(args + ["--device-memory", "64MiB"]) == 0
+    assert "reached by 30 % of requests -> resident" in capsys.readouterr().out
