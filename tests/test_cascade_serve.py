@@ -53,6 +53,8 @@ def test_served_cascade_answers_as_the_python_one(server, reference):
     status, body = raw_call(server, "POST", "/v1/chat/completions", json.dumps(
         {"model": "fast", "messages": CHAT, "max_tokens": MAX_TOKENS, "temperature": 0}).encode())
     assert status == 200 and (body["model"], body["choices"][0]["message"]["content"]) == want_chat
+    status, body = raw_call(server, "GET", "/v1/models")
+    assert {m["id"] for m in body["data"]} == {"fast", "demo-small", "demo"}
     # the cascade's models are served under their own ids too
     status, body = raw_call(server, "POST", "/v1/completions", json.dumps(
         {"model": "demo-small", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}).encode())

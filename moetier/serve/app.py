@@ -175,7 +175,10 @@ def create_app(pool: ModelPool, api_key: Optional[str] = None, max_requests: int
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth)], tags=["models"], responses=ERRORS)
     async def models():
-        return {"object": "list", "data": [card(e) for e in pool.entries.values()]}
+        cascades = [{"id": n, "object": "model", "created": st.created, "owned_by": "moetier",  # --cascade
+                     "loaded": all(pool.entries[m].loaded for m in c["models"])}
+                    for n, c in getattr(pool, "cascades", {}).items()]
+        return {"object": "list", "data": [card(e) for e in pool.entries.values()] + cascades}
 
     @app.post("/v1/models/{model_id:path}/load", response_model=ModelCard, dependencies=[Depends(auth)],
               tags=["models"], responses=ERRORS)
