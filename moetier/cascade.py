@@ -249,8 +249,13 @@ class Cascade:
     @classmethod
     def from_file(cls, path: str | Path, models: Optional[Seq] = None, **llm_options) -> "Cascade":
         """The cascade a calibration file describes (its models, rule and thresholds); ``models``:
-        already loaded ones to use instead of loading the file's."""
+        already loaded ones to use instead of loading the file's. ``device_memory`` in
+        ``llm_options``: the whole cascade's budget, divided by :mod:`moetier.cascade_memory`."""
         data = read_calibration(path)
+        if models is None and llm_options.get("device_memory") is not None:  # one budget, split by traffic
+            from .cascade_cli import open_cascade
+
+            return open_cascade(str(path), **llm_options)
         return cls(models if models is not None else data["models"], data["thresholds"], data["rule"],
                    names=data["models"], **llm_options)
 

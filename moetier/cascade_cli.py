@@ -41,7 +41,11 @@ def serve_cascades(values: list[str], models: dict[str, str]) -> dict[str, dict]
         if name in models or name in out:
             raise CascadeError(f"--cascade: the id {name!r} is already taken")
         data = parse_spec(spec)
+        if name in data["models"]:
+            raise CascadeError(f"--cascade: {name!r} names the cascade and one of its models; pick another name")
         for m in data["models"]:
+            if m in out:
+                raise CascadeError(f"--cascade: {m!r} is a cascade, not a model")
             models.setdefault(m, m)
         out[name] = {"name": name, "models": list(data["models"]), "rule": data["rule"],
                      "thresholds": list(data["thresholds"])}

@@ -184,8 +184,8 @@ def test_default_rule_orders_right_above_wrong(held_out):
 
 
 def test_calibration_holds_on_held_out_items(small, large, held_out, tmp_path):
-    """Thresholds picked on 300 calibration items keep the real cascade within the drop (plus one
-    item's worth, 0.5 points, for sampling) on the 200 held-out ones."""
+    """Thresholds picked on 300 calibration items keep the real cascade within the drop on the 200
+    held-out ones (measured: 0.99 against demo's 1.0, with 30 % escalated)."""
     items, _, l = held_out
     cal_items = load_task(task_path("addition_calibrate"), limit=300)
     data = calibrate([score_model(small, "demo-small", cal_items), score_model(large, "demo", cal_items)], 0.01)
@@ -197,7 +197,7 @@ def test_calibration_holds_on_held_out_items(small, large, held_out, tmp_path):
     params = [dataclasses.replace(p, logprobs=None) for p in task_params(large, items)]  # as moetier eval
     outs = c.generate([it.prompt for it in items], params, use_tqdm=False)
     acc = sum(o.outputs[0].text.strip() == it.answer for o, it in zip(outs, items)) / len(items)
-    assert acc >= l.accuracy - 0.01 - 0.005
+    assert acc >= l.accuracy - 0.01 - 1e-9
     escalated = sum(o.model == "demo" for o in outs) / len(outs)
     assert 0 < escalated < 0.6
 
@@ -216,6 +216,18 @@ def test_cli_calibrate_then_eval(tmp_path, capsys):
     assert sum(ev["answered_share"].values()) == pytest.approx(1.0)
     assert main(["cascade", "eval", "--cascade", "demo-small", "--quiet"]) == 1
     assert "two models or more" in capsys.readouterr().err
+
+
+def test_serve_cascade_names():
+    from moetier.cascade_cli import serve_cascades
+
+    models = {"small": "demo-small"}
+    got = serve_cascades(["fast=small,demo"], models)
+    assert got["fast"]["models"] == ["small", "demo"] and models == {"small": "demo-small", "demo": "demo"}
+    for bad, msg in (("x", "NAME=A,B"), ("small=demo-small,demo", "already taken"),
+                     ("demo=demo-small,demo", "names the cascade and one of its models")):
+        with pytest.raises(CascadeError, match=msg):
+            serve_cascades([bad], {"small": "demo-small"})
 
 
 # ---------------------------------------------------------------------------- memory split
