@@ -71,7 +71,7 @@ SMALL_CONFIG = dict(MODEL_CONFIG, hidden_size=64, intermediate_size=128, num_hid
 SIZES = {"demo": MODEL_CONFIG, "small": SMALL_CONFIG}
 DEFAULT_OUT = {"demo": ROOT / "moetier" / "demo_model", "small": ROOT / "moetier" / "demo_small_model"}
 # the small run's defaults: steps (at batch 128), learning rate, and a time budget it finishes well
-# within (~6 min on one core), so that the run is deterministic
+# within (~6 min on one core), so that the steps, not the clock, set the schedule
 SMALL_STEPS, SMALL_LR, SMALL_BUDGET_MIN = 3000, 2e-3, 12.0
 
 # ---------------------------------------------------------------------------- corpus
