@@ -371,13 +371,15 @@ def write_task(path: Path, n: int) -> None:
 def write_calibration_task(task: Path, path: Path, n: int) -> None:
     """More held-out additions, from their own seed, none of them in ``task``: a cascade's
     thresholds are picked on these and checked on the task."""
-    taken = {json.loads(line)["prompt"] for line in task.read_text().splitlines() if line.strip()}
+    lines_in = task.read_text().splitlines() if task.exists() else []
+    taken = {json.loads(line)["prompt"] for line in lines_in if line.strip()}
     rng, lines = random.Random(SEED + 6), []
     while len(lines) < n:
         a, b = addition_pair(rng, held_out=True)
         if f"{a}+{b}=" not in taken:
             taken.add(f"{a}+{b}=")
             lines.append(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}))
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path} ({n} held-out items for calibration)", flush=True)
 
