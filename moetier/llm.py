@@ -145,6 +145,9 @@ class LLM:
             from .models.prepack import prepack
 
             prepack(self.model)
+            from .models.fused import install
+
+            install(self.model)
         self.engine = Engine(self.model, self.tokenizer, eos_ids(self.generation_config, raw_config, self.tokenizer),
                              max_model_len or limit, max_num_seqs, max_batch_tokens, offload=offload)
 

@@ -15,6 +15,18 @@ pytestmark = pytest.mark.skipif(not supported(torch.bfloat16), reason="no oneDNN
 IDS = [5, 17, 90, 3, 42, 42, 7, 64, 1]
 
 
+@pytest.fixture(autouse=True)
+def onednn_only(monkeypatch):
+    """These tests are about oneDNN's packed layout: keep moetier's own kernels (tests/test_native.py), which
+    read only plain weights and would otherwise take the few-row calls, out of the way."""
+    import moetier.models.moe as moe
+
+    monkeypatch.setattr(pp, "native_first", lambda: False)
+    monkeypatch.setattr(pp, "has_native", lambda w: False)
+    monkeypatch.setattr(moe, "fused_ok", lambda *a: False)
+    monkeypatch.setenv("MOETIER_FUSED", "0")
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_packed_logits_are_bit_identical(family, tmp_path):
     folder = make_checkpoint(tmp_path, family, FAMILY_CONFIGS[family])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moetier.kernels.linear import has_kernel, kernel_linear, quant_linear
-from moetier.kernels.quant import (INT4_LAYOUTS, QuantError, QuantScheme, int4_from_codes, int4_kernel_layout,
+from moetier.kernels.quant import (INT4_ORDERS, QuantError, QuantScheme, int4_from_codes, int4_kernel_layout,
                                    int8_from_codes, pack_int4, parse_scheme, quantize, unpack_int4)
 from moetier.models.prepack import linear
 
@@ -37,12 +37,14 @@ def test_int8_round_trip_within_half_a_step(group, dtype):
     assert torch.equal(qw.dequantize()[5], torch.zeros(256))
 
 
+@pytest.mark.parametrize("layout", ["rows", "b64s"])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_round_trip_within_half_a_step(group, dtype):
+def test_int4_round_trip_within_half_a_step(group, dtype, layout):
     w = weight()
-    qw = quantize(w, QuantScheme("int4", group), dtype=dtype)
-    assert qw.codes.shape == (128, 128) and qw.scales.shape == (256 // group, 128, 2)
+    qw = quantize(w, QuantScheme("int4", group), dtype=dtype, layout=layout)
+    pairs = (128, 256 // group, 2) if layout == "rows" else (256 // group, 128, 2)  # row- / group-major
+    assert qw.codes.shape == (128, 128) and qw.scales.shape == pairs
     wg = w.view(128, -1, group)
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     step = (hi - lo) / 15
@@ -55,13 +57,26 @@ def test_int4_round_trip_within_half_a_step(group, dtype):
     assert torch.equal(qw.dequantize()[5], torch.zeros(256))
 
 
-@pytest.mark.parametrize("layout", sorted(INT4_LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(INT4_ORDERS))
 @pytest.mark.parametrize("rows", [128, 96, 80, 48, 16, 6])
-def test_int4_pack_unpack_round_trip(layout, rows):
-    q = torch.randint(0, 16, (rows, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+@pytest.mark.parametrize("cols", [64, 1024 + 96])  # "rows" order: whole groups of 16 blocks and a short last one
+def test_int4_pack_unpack_round_trip(layout, rows, cols):
+    q = torch.randint(0, 16, (rows, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
     packed = pack_int4(q, layout)
-    assert packed.shape == (rows, 32)
+    assert packed.shape == (rows, cols // 2)
     assert torch.equal(unpack_int4(packed, layout), q)
+
+
+def test_int4_rows_order_is_gguf_blocks_interleaved_by_16():
+    """The "rows" byte order written out by hand: byte i of 32-block j (GGUF order: q[i] | q[i+16] << 4) of a
+    full group of 16 blocks sits at 4 * 16 * (i // 4) + 4 * j + i % 4."""
+    q = torch.randint(0, 16, (2, 512), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    packed = pack_int4(q, "rows")
+    for r in range(2):
+        for j in (0, 5, 15):
+            for i in (0, 3, 4, 13, 15):
+                want = int(q[r, 32 * j + i]) | int(q[r, 32 * j + i + 16]) << 4
+                assert int(packed[r, 64 * (i // 4) + 4 * j + i % 4]) == want
 
 
 @pytest.mark.parametrize("rows", [128, 96, 80, 16])
@@ -100,7 +115,8 @@ def _reference(x, qw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_int_kernel_matches_the_dequantized_reference(kind, group, dtype, rows):
-    qw = quantize(weight(), QuantScheme(kind, group), dtype=dtype)
+    """torch's int kernels (moetier's own: tests/test_native.py)."""
+    qw = quantize(weight(), QuantScheme(kind, group), dtype=dtype, layout=int4_kernel_layout())
     if not has_kernel(qw):
         pytest.skip(f"no {kind} kernel for this layout on this CPU")
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -130,7 +146,12 @@ def test_linear_dispatch_agrees_with_the_reference_at_every_width(kind, group, r
     qw = quantize(weight(), QuantScheme(kind, group), dtype=torch.float32)
     x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(4))
     bias = torch.randn(128)
-    torch.testing.assert_close(linear(x, qw, bias), _reference(x, qw) + bias, rtol=1e-4, atol=1e-3)
+    want = _reference(x, qw) + bias
+    # moetier's own few-row kernels quantize the rows to int8 per 32 (as llama.cpp does): each input is off by
+    # at most half its block's step, max|x| / 127 / 2, so an output by at most sum_k |w_k| * that
+    step = x.view(2, rows, 8, 32).abs().amax(-1, keepdim=True).expand(2, rows, 8, 32).reshape(2, rows, 256) / 254
+    bound = step @ qw.dequantize().abs().T * 1.001 + 1e-3 + 1e-4 * want.abs()
+    assert ((linear(x, qw, bias) - want).abs() <= bound).all()
     assert quant_linear(x, qw).shape == (2, rows, 128)
 
 
@@ -142,7 +163,7 @@ def test_gguf_q4_0_and_q8_0_blocks_map_exactly():
     qw = int4_from_codes(q4, d, -8 * d.float())
     want = (q4.float() - 8).view(32, 2, 32) * d.float()[..., None]
     assert torch.equal(qw.dequantize(), want.view(32, 64))
-    assert torch.equal(qw.scales[..., 1], torch.zeros(2, 32, dtype=torch.float16))  # zero = 0 exactly
+    assert not qw.scales[..., 1].any() and qw.scales.dtype == torch.float16  # zero = 0 exactly
     q8 = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=g)
     qw8 = int8_from_codes(q8, d)
     assert qw8.group_size == 32 and torch.equal(qw8.dequantize(), (q8.float().view(32, 2, 32) * d.float()[..., None]).view(32, 64))

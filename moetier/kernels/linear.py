@@ -21,12 +21,74 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .probe import fixed_rows, median_s
-from .quant import INT4_LAYOUTS, QuantScheme, QuantWeight, int4_kernel_layout, quantize
+from . import native
+from .probe import best_s, fixed_rows, median_s
+from .quant import INT4_LAYOUTS, ROW_LAYOUT, QuantScheme, QuantWeight, int4_kernel_layout, quantize
 
 NEVER = 1 << 62
 ROWS_ENV = "MOETIER_QUANT_ROWS"  # a fixed threshold instead of the probe; 0: never the int kernels
+NATIVE_ROWS_ENV = "MOETIER_NATIVE_ROWS"  # the same for moetier's own kernels (kernels/native); 0: never
 PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def has_native(w) -> bool:
+    """Whether moetier's own few-row kernel (``kernels/native``) takes weight ``w`` (a QuantWeight or a plain
+    bf16 tensor) here: vectorized for its kind on this CPU, contiguous, and a grouping it reads."""
+    if type(w) is QuantWeight:
+        if w.kind not in native.kinds() or not w.codes.is_cpu or w.shape[1] % 32:
+            return False
+        if w.kind == "int4":
+            return w.layout == ROW_LAYOUT
+        G, K = w.group_size, w.shape[1]
+        return G == K or G == 32 or G % 64 == 0
+    return (w.dtype == torch.bfloat16 and w.layout == torch.strided and w.is_cpu and w.dim() == 2
+            and w.is_contiguous() and "bf16" in native.kinds())
+
+
+def native_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear`` through the native kernel (:func:`has_native` must hold) -> ``x``'s dtype."""
+    K = w.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.dtype not in native.IO_KINDS:
+        x2 = x2.float()
+    y = native.gemv(x2.contiguous(), w).view(*x.shape[:-1], w.shape[0])
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+@functools.lru_cache(maxsize=None)
+def native_rows(kind: str, threads: int) -> int:
+    """Rows from which torch's kernels beat moetier's own for a ``kind`` (``"bf16"``, ``"int8"``, ``"int4"``) weight
+    here with ``threads`` threads (0 where the native kernel does not run): timed on a [1536, 1024] weight at
+    2, 4, 8, ... rows (one row always runs native), best of 5 each. ``MOETIER_NATIVE_ROWS`` fixes the value
+    (0: never the native kernels)."""
+    rows = fixed_rows(NATIVE_ROWS_ENV, "the native kernels")
+    if rows is not None:
+        return max(rows, 0)
+    if kind not in native.kinds():
+        return 0
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1536, 1024, generator=g)
+    if kind == "bf16":
+        from ..models.prepack import plain_linear
+
+        w = w.to(torch.bfloat16)
+
+        def other(x):
+            return plain_linear(x, w)
+    else:
+        w = quantize(w, QuantScheme(kind), dtype=torch.bfloat16)
+        ref = quantize(w.dequantize(), QuantScheme(kind), dtype=torch.bfloat16,
+                       layout=int4_kernel_layout() if kind == "int4" else None)
+
+        def other(x):
+            return kernel_linear(x, ref) if x.shape[0] < quant_rows(kind, threads) and has_kernel(ref) else wide_linear(x, ref)
+    with torch.inference_mode():
+        for rows in PROBE_ROWS[1:]:  # one row is always native: it skips the other kernels' fixed cost
+            x = torch.randn(rows, 1024, generator=g).to(torch.bfloat16)
+            if best_s(lambda: other(x)) < best_s(lambda: native_linear(x, w)):
+                return rows
+    return NEVER
 
 
 def has_kernel(w: QuantWeight) -> bool:
@@ -51,6 +113,8 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     """``F.linear(x, dequantized w, bias)`` in ``x``'s dtype; ``x`` ``[..., K]``."""
     N, K = w.shape
     rows = x.numel() // max(K, 1)
+    if has_native(w) and rows < native_rows(w.kind, torch.get_num_threads()):
+        return native_linear(x, w, bias)
     x2 = x.reshape(rows, K)
     if rows < quant_rows(w.kind, torch.get_num_threads()) and has_kernel(w):
         y = kernel_linear(x2.to(w.dtype).contiguous(), w).to(x.dtype)
@@ -74,7 +138,7 @@ def wide_linear(x2: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     dt = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
     if w.kind == "int8" and w.group_size == K:
         return (linear(x2.to(dt), w.codes.to(dt)) * w.scales.view(N).to(dt)).to(x2.dtype)
-    if w.kind == "int4" and INT4_LAYOUTS[w.layout][1] and N % INT4_LAYOUTS[w.layout][0] == 0:
+    if w.kind == "int4" and w.layout in INT4_LAYOUTS and INT4_LAYOUTS[w.layout][1] and N % INT4_LAYOUTS[w.layout][0] == 0:
         b = INT4_LAYOUTS[w.layout][0]
         G, NB = w.group_size, N // b
         packed = w.codes.reshape(NB, K, b // 2)

@@ -28,3 +28,15 @@ def median_s(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def best_s(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Shortest wall time of ``fn()`` over ``repeats`` calls after one warm-up call: the machine's rate, least
+    disturbed by other work on the same cores (a probe that only compares two kernels)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best

@@ -11,14 +11,20 @@ into groups of ``group_size`` consecutive inputs; each (row, group) has its own 
 
 ``int4`` (asymmetric, G in 32, 64, 128, 256)
     ``w[n, k] = scale * q[n, k] + offset`` with ``q`` in 0..15 and per-(row, group) ``scale`` and
-    ``offset``. Stored as torch's CPU int4 kernel takes it: ``scales`` ``[K // G, N, 2]`` holds
-    ``(scale, zero)`` pairs, group-major, with ``zero = offset + 8 * scale``, i.e.
-    ``w = (q - 8) * scale + zero`` (the kernel's convention, tested in tests/test_quant.py).
+    ``offset``, held as ``(scale, zero)`` pairs with ``zero = offset + 8 * scale``, i.e.
+    ``w = (q - 8) * scale + zero`` (torch's int4 kernel's convention, tested in tests/test_quant.py).
     GGUF ``Q4_0`` (``w = d * (q - 8)``) is ``(d, 0)`` exactly; ``Q4_1`` (``w = d * q + m``) is
-    ``(d, m + 8 d)``. ``codes``: uint8 ``[N, K // 2]``, two 4-bit codes a byte, in the order
-    ``torch._convert_weight_to_int4pack_for_cpu`` produces on this CPU (``layout``, see
-    :data:`INT4_LAYOUTS`); :func:`pack_int4` / :func:`unpack_int4` convert from / to plain
-    ``q`` ``[N, K]``. Build one from plain codes with :func:`int4_from_codes`.
+    ``(d, m + 8 d)``. ``codes``: uint8 ``[N, K // 2]``, two 4-bit codes a byte, in one of the orders
+    of :data:`INT4_LAYOUTS` (``layout``); :func:`pack_int4` / :func:`unpack_int4` convert from / to
+    plain ``q`` ``[N, K]``. Build one from plain codes with :func:`int4_from_codes`.
+
+    ``rows`` (moetier's own kernels, ``kernels/native``): row-major, the same on every CPU; each row's
+    32-weight blocks are in GGUF Q4_0's byte order (byte ``i`` = ``q[i] | q[i + 16] << 4``), taken 16
+    blocks at a time (256 bytes; a last group of ``nbk < 16`` blocks takes ``16 nbk``): byte ``i`` of
+    block ``j`` of a group sits at ``4 nbk (i // 4) + 4 j + i % 4``, so one 64-byte load holds 4 bytes of
+    each of 16 blocks (one dot-product lane per block). ``scales`` ``[N, K // G, 2]``, row-major.
+    The others are the orders ``torch._convert_weight_to_int4pack_for_cpu`` produces (they depend
+    on the CPU's vector width), with ``scales`` ``[K // G, N, 2]``, group-major, as that kernel takes them.
 
 ``scales.dtype`` is the dtype the kernels compute in (inputs are cast to it and outputs back):
 the model's dtype when moetier quantizes, float16 for GGUF blocks carried over as they are.
@@ -45,6 +51,8 @@ DEFAULT_GROUP = {"int8": None, "int4": 32}  # None: per-channel (one group per r
 # high ones, else rows 2j / 2j+1 share byte j. A last, partial block is always paired. These are the
 # orders of torch's CPU kernel on AVX-512 (b64s), AVX2 (b32s) and other CPUs (b32i).
 INT4_LAYOUTS = {"b64s": (64, True), "b32s": (32, True), "b32i": (32, False)}
+ROW_LAYOUT = "rows"  # moetier's own order (module docstring); not one of torch's
+INT4_ORDERS = (ROW_LAYOUT, *INT4_LAYOUTS)
 
 
 class QuantError(MoetierError, ValueError):
@@ -60,7 +68,7 @@ class QuantWeight:
     group_size: int  # inputs per scale; K for per-channel int8
     codes: torch.Tensor
     scales: torch.Tensor
-    layout: str = ""  # int4 only: a key of INT4_LAYOUTS
+    layout: str = ""  # int4 only: one of INT4_ORDERS
 
     @property
     def dtype(self) -> torch.dtype:
@@ -83,7 +91,8 @@ class QuantWeight:
             w = self.codes.float().view(N, K // G, G) * self.scales.float()[..., None]
         elif self.kind == "int4":
             q = unpack_int4(self.codes, self.layout).float().view(N, K // G, G)
-            sz = self.scales.float().permute(1, 0, 2)  # [N, K/G, 2]
+            sz = self.scales.float()
+            sz = sz if self.layout == ROW_LAYOUT else sz.permute(1, 0, 2)  # [N, K/G, 2]
             w = (q - 8) * sz[..., 0:1] + sz[..., 1:2]
         else:
             raise QuantError(f"unknown quantization kind {self.kind!r}")
@@ -157,7 +166,9 @@ class QuantSpec:
     @property
     def scales_shape(self) -> tuple[int, ...]:
         N, K = self.shape
-        return (K // self.group_size, N, 2) if self.kind == "int4" else (N, K // self.group_size)
+        if self.kind != "int4":
+            return (N, K // self.group_size)
+        return (N, K // self.group_size, 2) if self.layout == ROW_LAYOUT else (K // self.group_size, N, 2)
 
     def scales_offset(self, align: int) -> int:
         return -(-math.prod(self.codes_shape) // align) * align
@@ -223,8 +234,7 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, dtype: Optional[torch.dtype] 
         q = (wg - z).div_(torch.where(s > 0, s, 1)).round_().add_(8).clamp_(0, 15)
         layout = layout or machine_int4_layout()
         codes = pack_int4(q.reshape(N, K).to(torch.uint8), layout)
-        sz = torch.stack([scale, zero], dim=-1).permute(1, 0, 2).contiguous()  # [K/G, N, 2]
-        return QuantWeight("int4", (N, K), G, codes, sz, layout)
+        return QuantWeight("int4", (N, K), G, codes, _pairs(scale, zero, layout), layout)
     raise QuantError(f"unknown quantization kind {scheme.kind!r}")
 
 
@@ -238,9 +248,23 @@ def int4_from_codes(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
     if scale.shape != (N, K // G) or offset.shape != scale.shape or K % G or G not in INT4_GROUPS:
         raise QuantError(f"int4 codes {list(q.shape)} with scales {list(scale.shape)}: not a supported grouping")
     zero = (offset.float() + 8 * scale.float()).to(scale.dtype)
-    sz = torch.stack([scale, zero], dim=-1).permute(1, 0, 2).contiguous()
     layout = layout or machine_int4_layout()
-    return QuantWeight("int4", (N, K), G, pack_int4(q.to(torch.uint8), layout), sz, layout)
+    return QuantWeight("int4", (N, K), G, pack_int4(q.to(torch.uint8), layout), _pairs(scale, zero, layout), layout)
+
+
+def _pairs(scale: torch.Tensor, zero: torch.Tensor, layout: str) -> torch.Tensor:
+    """``(scale, zero)`` ``[N, K/G]`` each -> the int4 scales tensor of ``layout``."""
+    sz = torch.stack([scale, zero], dim=-1)  # [N, K/G, 2]
+    return sz.contiguous() if layout == ROW_LAYOUT else sz.permute(1, 0, 2).contiguous()  # [K/G, N, 2]
+
+
+def to_layout(w: QuantWeight, layout: str) -> QuantWeight:
+    """An int4 weight with the same values in another code order (the same object if already in it)."""
+    if w.kind != "int4" or w.layout == layout:
+        return w
+    sz = w.scales if w.layout == ROW_LAYOUT else w.scales.permute(1, 0, 2)  # [N, K/G, 2]
+    codes = pack_int4(unpack_int4(w.codes, w.layout), layout)
+    return QuantWeight("int4", w.shape, w.group_size, codes, _pairs(sz[..., 0], sz[..., 1], layout), layout)
 
 
 def int8_from_codes(q: torch.Tensor, scale: torch.Tensor) -> QuantWeight:
@@ -254,9 +278,12 @@ def int8_from_codes(q: torch.Tensor, scale: torch.Tensor) -> QuantWeight:
 
 def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:
     """Plain codes ``q`` uint8 ``[N, K]`` (0..15) -> ``[N, K // 2]`` bytes in ``layout``'s order."""
-    block, split = INT4_LAYOUTS[layout]
     N, K = q.shape
     q = q.to(torch.uint8)
+    if layout == ROW_LAYOUT:
+        b = q.reshape(N, K // 32, 2, 16)
+        return _interleave((b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 32, 4, 4), forward=True)
+    block, split = INT4_LAYOUTS[layout]
     full = (N // block) * block if split else 0
     parts = []
     if full:
@@ -270,8 +297,11 @@ def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:
 
 def unpack_int4(codes: torch.Tensor, layout: str) -> torch.Tensor:
     """``[N, K // 2]`` bytes in ``layout``'s order -> plain codes uint8 ``[N, K]``."""
-    block, split = INT4_LAYOUTS[layout]
     N, K = codes.shape[0], codes.shape[1] * 2
+    if layout == ROW_LAYOUT:
+        b = _interleave(codes, forward=False).reshape(N, K // 32, 1, 16)  # GGUF-order bytes of each block
+        return torch.cat([b & 15, b >> 4], dim=2).reshape(N, K)
+    block, split = INT4_LAYOUTS[layout]
     flat = codes.reshape(-1)
     full = (N // block) * block if split else 0
     parts = []
@@ -285,8 +315,30 @@ def unpack_int4(codes: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.cat(parts) if parts else codes.new_empty((0, K))
 
 
+def _interleave(t: torch.Tensor, forward: bool) -> torch.Tensor:
+    """``rows`` order: GGUF-order block bytes ``[N, nb, 4, 4]`` (block, slice, byte) -> ``[N, nb * 16]`` with 16 blocks'
+    slices interleaved (``forward``), or the inverse from ``[N, nb * 16]`` to ``[N, nb, 16]``."""
+    N = t.shape[0]
+    nb = t.shape[1] if forward else t.shape[1] // 16
+    full = nb // 16 * 16
+    parts = []
+    for b0, nbk in [(g, 16) for g in range(0, full, 16)] + ([(full, nb - full)] if nb > full else []):
+        if forward:
+            parts.append(t[:, b0 : b0 + nbk].transpose(1, 2).reshape(N, 16 * nbk))  # [N, slice, block, byte]
+        else:
+            part = t[:, 16 * b0 : 16 * (b0 + nbk)].reshape(N, 4, nbk, 4).transpose(1, 2)  # [N, block, slice, byte]
+            parts.append(part.reshape(N, nbk, 16))
+    return torch.cat(parts, dim=1).contiguous()
+
+
 def machine_int4_layout() -> str:
-    """The int4 code order to quantize into here: the kernel's (:func:`int4_kernel_layout`), else ``b64s``."""
+    """The int4 code order to quantize into here: ``r32`` where moetier's own int4 kernel runs (it needs
+    K a multiple of 32, as every int4 group size is), else torch's kernel's
+    (:func:`int4_kernel_layout`), else ``b64s``."""
+    from .native import kinds
+
+    if "int4" in kinds():
+        return ROW_LAYOUT
     return int4_kernel_layout() or "b64s"
 
 

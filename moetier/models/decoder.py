@@ -25,8 +25,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = mlp
+        self.fused = None  # models/fused.py: one decode token of one sequence in three native calls
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if self.fused is not None and x.shape[0] == 1 and len(batch.lengths) == 1 and x.dtype == torch.bfloat16:
+            return self.fused(x, batch)
         x = x + self.self_attn(self.input_layernorm(x), batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 

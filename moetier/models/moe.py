@@ -11,7 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import native
+from ..kernels.linear import has_native, native_rows
+from ..kernels.quant import QuantWeight
 from .prepack import linear
+
+
+def fused_ok(x: torch.Tensor, pairs: list) -> bool:
+    """Whether one token's experts can run as one native call (``kernels/native``: the same kernels, roundings
+    and sums as the per-expert path takes for one row, in one call instead of several ops per expert)."""
+    if not (x.is_cpu and x.dtype in (torch.bfloat16, torch.float32) and x.is_contiguous()):
+        return False
+    threads = torch.get_num_threads()
+    for pair in pairs:
+        for w in pair:
+            kind = w.kind if type(w) is QuantWeight else "bf16"
+            if not has_native(w) or native_rows(kind, threads) <= 1 or (kind == "bf16" and x.dtype != torch.bfloat16):
+                return False
+    return True
 
 
 class MLP(nn.Module):
@@ -139,8 +156,12 @@ class ExpertsBase(nn.Module):
         T, k = ids.shape
         if T == 1:  # decode at batch 1: no gather, no scatter
             out = None
+            chosen, ws = ids.tolist()[0], weights.tolist()[0]
             # python floats: the same float32 products as weights[0, j], without a select per expert
-            for e, w in zip(ids.tolist()[0], weights.tolist()[0]):
+            pairs = [self.weights(e) for e in chosen]
+            if fused_ok(x, pairs):
+                return native.moe1(x, pairs, ws)
+            for e, w in zip(chosen, ws):
                 y = self.expert(e, x).float() * w
                 out = y if out is None else out + y
             return out.to(x.dtype)

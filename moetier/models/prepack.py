@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.linear import quant_linear
+from ..kernels.linear import has_native, native_linear, native_rows, quant_linear
 from ..kernels.probe import fixed_rows, median_s
 from ..kernels.quant import QuantWeight
 
@@ -57,6 +57,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     or for a quantized one (``kernels/linear.py``)."""
     if type(w) is QuantWeight:
         return quant_linear(x, w, bias)
+    if x.dtype == torch.bfloat16 and x.is_cpu and has_native(w):
+        if x.numel() // max(x.shape[-1], 1) < native_rows("bf16", torch.get_num_threads()):
+            return native_linear(x, w, bias)
+    return plain_linear(x, w, bias)
+
+
+def plain_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear` on a plain or packed float weight, without moetier's own kernels."""
     if x.dtype == torch.bfloat16 and x.is_cpu and x.dim() >= 2:
         rows = x.numel() // max(x.shape[-1], 1)
         if rows >= upcast_rows(torch.get_num_threads()):
@@ -111,6 +119,14 @@ def supported(dtype: torch.dtype) -> bool:
         return False
 
 
+def native_first() -> bool:
+    """Whether bf16 weights stay plain for moetier's own few-row kernel (``kernels/native``) instead of being
+    packed: where that kernel runs and the CPU has no AMX (with AMX, oneDNN's packed bf16 GEMM is the faster
+    choice at every size, and a packed weight cannot be read by the native kernel)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return not amx and native_rows("bf16", torch.get_num_threads()) > 0
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` whose weight lives in oneDNN's layout; ``weight`` keeps only its shape (meta)."""
 
@@ -130,7 +146,7 @@ def prepack(model: nn.Module) -> int:
     from .moe import Experts
 
     weights = [p for p in model.parameters() if p.device.type == "cpu"]
-    if not weights or not supported(weights[0].dtype):
+    if not weights or not supported(weights[0].dtype) or native_first():
         return 0
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):

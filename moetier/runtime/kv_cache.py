@@ -72,8 +72,15 @@ class SeqKV:
 
     def write(self, layer: int, start: int, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store ``parts`` (each ``[heads, n, dim]``) at ``start`` and return views of ``[:start+n]``."""
-        n = parts[0].shape[1]
-        end = start + n
+        end = start + parts[0].shape[1]
+        bufs = self.reserve(layer, end, parts)
+        for buf, part in zip(bufs, parts):
+            buf[:, start:end].copy_(part)
+        return tuple(buf[:, :end] for buf in bufs)
+
+    def reserve(self, layer: int, end: int, parts) -> tuple[torch.Tensor, ...]:
+        """``layer``'s whole buffers (each ``[heads, capacity, dim]``, contiguous), grown to hold ``end`` tokens;
+        ``parts`` give the heads and dims (tensors shaped like what is stored; meta tensors will do)."""
         bufs = self._layers[layer]
         if bufs is None and self.pool is not None:
             bufs = self._layers[layer] = tuple(b[self.slot] for b in self.pool.layer(layer, parts))
@@ -81,9 +88,7 @@ class SeqKV:
             bufs = self._grow(bufs, parts, end)
             self._layers[layer] = bufs
             self._outgrown.add(layer)
-        for buf, part in zip(bufs, parts):
-            buf[:, start:end].copy_(part)
-        return tuple(buf[:, :end] for buf in bufs)
+        return bufs
 
     def _grow(self, old, parts, need: int):
         cap = self.capacity

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..errors import CheckpointError
-from ..kernels.quant import (DEFAULT_GROUP, INT4_GROUPS, INT4_LAYOUTS, KINDS, QuantError, QuantScheme, QuantSpec,
+from ..kernels.quant import (DEFAULT_GROUP, INT4_GROUPS, INT4_ORDERS, KINDS, QuantError, QuantScheme, QuantSpec,
                              QuantWeight, quantize, spec_of)
 from ..kernels.region import ALIGN, QuantExpertLayout
 
@@ -45,7 +45,7 @@ def parse_spec(raw, shape: tuple[int, ...], where: str) -> QuantSpec:
         raise bad(f"group_size {group!r} for {K} inputs")
     if sd not in _SCALE_DTYPES:
         raise bad(f"scales_dtype {sd!r}")
-    if kind == "int4" and (group not in INT4_GROUPS or layout not in INT4_LAYOUTS or N % 2 or K % 2):
+    if kind == "int4" and (group not in INT4_GROUPS or layout not in INT4_ORDERS or N % 2 or K % 2):
         raise bad(f"int4 with group_size {group}, layout {layout!r}, shape {list(shape)}")
     return QuantSpec(kind, (N, K), group, _SCALE_DTYPES[sd], layout if kind == "int4" else "")
 

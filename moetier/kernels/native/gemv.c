@@ -1,0 +1,760 @@
+/* Few-row matrix-vector kernels for moetier's decode: y[m, n] = sum_k x[m, k] * w[n, k].
+ *
+ * Three weight kinds, each row-major [N, K] (N outputs, K inputs, as nn.Linear.weight):
+ *   bf16  : w as bfloat16; products summed in float32 (AVX-512 BF16 dot products where the CPU
+ *           has them, else widened to float32).
+ *   int8  : w = scale[n, k / G] * codes[n, k], codes -127..127 (G = K: one scale per row).
+ *   int4  : w = (q - 8) * scale + zero per (row, group of G); q in 0..15, two codes a byte, each
+ *           32-weight block of a row in 16 bytes: byte j holds q[j] (low nibble) and q[j + 16]
+ *           (high nibble) -- GGUF Q4_0's block order. scale/zero pairs [N, K / G, 2].
+ *
+ * The int kinds quantize the input rows to int8 per block of 32 (scale max|x| / 127, as llama.cpp's
+ * Q8_0 activations) and sum products of integers with AVX-512 VNNI, scaling once per block.
+ * Scales may be float32, bfloat16 or float16 (SK_*). Outputs are float32 or bfloat16 (rounded to
+ * nearest even). Work is split over output rows among `threads` OpenMP threads (the runtime torch
+ * itself uses, so one thread pool serves both).
+ *
+ * Every kernel has a plain-C twin (compiled on any CPU); mt_features() says which are vectorized.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define MT_AVX512 1
+#endif
+#if defined(MT_AVX512) && defined(__AVX512VNNI__)
+#define MT_VNNI 1
+#endif
+#if defined(MT_AVX512) && defined(__AVX512BF16__)
+#define MT_BF16DOT 1
+#endif
+
+enum { SK_F32 = 0, SK_BF16 = 1, SK_F16 = 2 };
+/* Rows are read 4 at a time; the hardware prefetchers stop at 4 KiB pages, which a block of 4 short rows
+ * often spans, so each load also prefetches the same column PF_ROWS rows further on. */
+#define PF_ROWS 8
+enum { OUT_F32 = 0, OUT_BF16 = 1 };
+enum { F_BF16 = 1, F_INT8 = 2, F_INT4 = 4, F_BF16DOT = 8 };
+
+int mt_features(void) {
+    int f = 0;
+#ifdef MT_AVX512
+    f |= F_BF16;
+#endif
+#ifdef MT_VNNI
+    f |= F_INT8 | F_INT4;
+#endif
+#ifdef MT_BF16DOT
+    f |= F_BF16DOT;
+#endif
+    return f;
+}
+
+static inline float bf16_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0) {
+        if (m == 0) {
+            u = sign;
+        } else { /* subnormal: normalise */
+            e = 127 - 15 + 1;
+            while (!(m & 0x400)) { m <<= 1; e--; }
+            u = sign | (e << 23) | ((m & 0x3ff) << 13);
+        }
+    } else if (e == 31) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else {
+        u = sign | ((e + 127 - 15) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float scale_at(const void *s, int kind, int64_t i) {
+    if (kind == SK_BF16) return bf16_f32(((const uint16_t *)s)[i]);
+    if (kind == SK_F16) return f16_f32(((const uint16_t *)s)[i]);
+    return ((const float *)s)[i];
+}
+
+static inline void store_out(void *y, int out_kind, int64_t i, float v) {
+    if (out_kind == OUT_BF16) ((uint16_t *)y)[i] = f32_bf16(v);
+    else ((float *)y)[i] = v;
+}
+
+static inline float x_at(const void *x, int x_kind, int64_t i) {
+    return x_kind == OUT_BF16 ? bf16_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* ------------------------------------------------------------------ activations, int8 per 32 */
+
+/* Quantize row `x` [K] (bf16 or f32) per block of 32: q = round(x / d), d = max|x| / 127. */
+static void quantize_row(const void *x, int x_kind, int64_t K, int8_t *q, float *d, int32_t *sum) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        float v[32], amax = 0.f;
+        for (int j = 0; j < 32; j++) {
+            v[j] = x_at(x, x_kind, b * 32 + j);
+            float a = fabsf(v[j]);
+            amax = a > amax ? a : amax;
+        }
+        float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) {
+            int32_t c = (int32_t)nearbyintf(v[j] * id);
+            c = c > 127 ? 127 : (c < -127 ? -127 : c);
+            q[b * 32 + j] = (int8_t)c;
+            s += c;
+        }
+        d[b] = db;
+        sum[b] = s;
+    }
+}
+
+/* int4 byte order. A row's 32-weight blocks are taken 16 at a time (512 weights, 256 bytes; a last group may
+ * have fewer, nbk); byte i of block b in GGUF Q4_0 order (q[i] | q[i + 16] << 4) is at
+ * 256 * group + 4 * nbk * (i / 4) + 4 * (b % 16) + i % 4: one 64-byte load then holds 4 bytes of each of
+ * 16 blocks, so a dot-product lane gathers one block's products and one scale multiplies each lane. */
+static inline int64_t int4_pos(int64_t nb, int64_t b, int i) {
+    int64_t g = b / 16, nbk = nb - 16 * g < 16 ? nb - 16 * g : 16;
+    return 256 * g + 4 * nbk * (i / 4) + 4 * (b % 16) + i % 4;
+}
+
+typedef struct {
+    int64_t K, nb;        /* inputs, 32-blocks */
+    int8_t *q;            /* [K] codes, natural order */
+    float *d;             /* [nb] block scales */
+    int32_t *sum;         /* [nb] block sums of codes */
+    uint8_t *absq;        /* int8 kernel: |q| */
+    uint64_t *neg;        /* int8 kernel: sign masks, one bit per code, 64 per chunk */
+    int8_t *q4a, *q4b;    /* int4 kernel: codes in the weights' byte order (int4_pos), low / high nibbles */
+    float *xs;            /* int4 kernel: [nb] d * sum q of each block */
+    float *dv;            /* int8 kernel: chunk scale vectors [nb/2][16] (8 lanes a block) */
+} qrow;
+
+static void *xalloc(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n < 64 ? 64 : (n + 63) / 64 * 64)) return NULL;
+    memset(p, 0, n);
+    return p;
+}
+
+static void qrow_free(qrow *r) {
+    free(r->q); free(r->d); free(r->sum); free(r->absq); free(r->neg); free(r->q4a); free(r->q4b); free(r->xs); free(r->dv);
+}
+
+/* kind: 8 or 4 (which reordered forms to build). 0 on success. */
+static int qrow_make(qrow *r, const void *x, int x_kind, int64_t K, int kind) {
+    memset(r, 0, sizeof(*r));
+    r->K = K;
+    r->nb = K / 32;
+    int64_t nc = (K + 127) / 128 * 4;  /* 32-blocks rounded up to whole 128-chunks */
+    r->q = xalloc((size_t)nc * 32);
+    r->d = xalloc((size_t)nc * 4);
+    r->sum = xalloc((size_t)nc * 4);
+    r->dv = xalloc((size_t)nc * 8 * 4);
+    if (!r->q || !r->d || !r->sum || !r->dv) return -1;
+    quantize_row(x, x_kind, K, r->q, r->d, r->sum);
+    if (kind == 8) {
+        int64_t n64 = (K + 63) / 64;
+        r->absq = xalloc((size_t)n64 * 64);
+        r->neg = xalloc((size_t)n64 * 8);
+        if (!r->absq || !r->neg) return -1;
+        for (int64_t i = 0; i < K; i++) {
+            int8_t c = r->q[i];
+            r->absq[i] = (uint8_t)(c < 0 ? -c : c);
+            if (c < 0) r->neg[i / 64] |= 1ull << (i % 64);
+        }
+        for (int64_t b = 0; b < r->nb; b++)
+            for (int j = 0; j < 8; j++) r->dv[b * 8 + j] = r->d[b];
+    } else {
+        r->q4a = xalloc((size_t)K / 2 + 64);
+        r->q4b = xalloc((size_t)K / 2 + 64);
+        r->xs = xalloc((size_t)(r->nb + 16) * 4);
+        if (!r->q4a || !r->q4b || !r->xs) return -1;
+        for (int64_t b = 0; b < r->nb; b++) {
+            for (int i = 0; i < 16; i++) {
+                int64_t at = int4_pos(r->nb, b, i);
+                r->q4a[at] = r->q[b * 32 + i];
+                r->q4b[at] = r->q[b * 32 + 16 + i];
+            }
+            r->xs[b] = r->d[b] * (float)r->sum[b];
+        }
+    }
+    return 0;
+}
+
+#ifdef MT_AVX512
+static inline __m512 load_scales16(const void *s, int kind, int64_t i, __mmask16 m) {
+    if (kind == SK_F32) return _mm512_maskz_loadu_ps(m, (const float *)s + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)s + i);
+    if (kind == SK_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline void store_out16(void *y, int out_kind, int64_t i, __m512 v) {
+    if (out_kind == OUT_F32) {
+        _mm512_storeu_ps((float *)y + i, v);
+    } else {
+        float t[16];
+        _mm512_storeu_ps(t, v);
+        for (int j = 0; j < 16; j++) ((uint16_t *)y)[i + j] = f32_bf16(t[j]);
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------ int8 */
+
+/* One row n of an int8 weight against one quantized input row: sum over k (not yet per-row scaled
+ * when G == K). */
+static float dot_int8_ref(const int8_t *w, const void *s, int sk, int64_t G, int64_t K, const qrow *r) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < r->nb; b++) {
+        int32_t t = 0;
+        for (int j = 0; j < 32; j++) t += (int32_t)w[b * 32 + j] * r->q[b * 32 + j];
+        float ws = G == K ? 1.f : scale_at(s, sk, (b * 32) / G);
+        acc += (float)t * r->d[b] * ws;
+    }
+    return acc;
+}
+
+#ifdef MT_VNNI
+/* 4 rows at once; G == K (per-row scale applied by the caller) or G == 32 or G % 64 == 0. */
+static void dot_int8_4(const int8_t *w, int64_t ldw, const void *s, int sk, int64_t lds, int64_t G, int64_t K,
+                       const qrow *r, float out[4]) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i zero = _mm512_setzero_si512();
+    int64_t n64 = (K + 63) / 64;
+    for (int64_t c = 0; c < n64; c++) {
+        __mmask64 lm = (c * 64 + 64 <= K) ? ~0ull : ((1ull << (K - c * 64)) - 1);
+        __m512i a = _mm512_loadu_si512(r->absq + c * 64);
+        __mmask64 neg = r->neg[c];
+        __m512 sc = _mm512_loadu_ps(r->dv + c * 16);
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(w + (i + PF_ROWS) * ldw + c * 64), _MM_HINT_T0);
+            __m512i wv = _mm512_maskz_loadu_epi8(lm, w + i * ldw + c * 64);
+            wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
+            __m512i dp = _mm512_dpbusd_epi32(zero, a, wv);
+            __m512 f = _mm512_cvtepi32_ps(dp);
+            if (G != K) {
+                __m512 ws;
+                if (G == 32) {
+                    float s0 = scale_at(s, sk, i * lds + 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, i * lds + 2 * c + 1) : 0.f;
+                    ws = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+                } else {
+                    ws = _mm512_set1_ps(scale_at(s, sk, i * lds + (c * 64) / G));
+                }
+                f = _mm512_mul_ps(f, ws);
+            }
+            acc[i] = _mm512_fmadd_ps(f, sc, acc[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+#endif
+
+static int int8_group_ok(int64_t G, int64_t K) { return K % 32 == 0 && (G == K || G == 32 || G % 64 == 0); }
+
+/* ------------------------------------------------------------------ int4 */
+
+static float dot_int4_ref(const uint8_t *w, const void *sz, int sk, int64_t G, int64_t K, const qrow *r) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < r->nb; b++) {
+        int32_t t = 0;
+        for (int i = 0; i < 16; i++) {
+            uint8_t byte = w[int4_pos(r->nb, b, i)];
+            t += (int32_t)(byte & 15) * r->q[b * 32 + i] + (int32_t)(byte >> 4) * r->q[b * 32 + 16 + i];
+        }
+        int64_t g = (b * 32) / G;
+        float sc = scale_at(sz, sk, 2 * g), ze = scale_at(sz, sk, 2 * g + 1);
+        acc += (float)t * r->d[b] * sc + (ze - 8.f * sc) * r->xs[b];
+    }
+    (void)K;
+    return acc;
+}
+
+#ifdef MT_VNNI
+static void dot_int4_4(const uint8_t *w, int64_t ldw, const void *sz, int sk, int64_t lds, int64_t G, int64_t K,
+                       const qrow *r, float out[4]) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8((char)0xf0);
+    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    int32_t is[16], iz[16];
+    for (int j = 0; j < 16; j++) {
+        is[j] = 2 * (int32_t)((j * 32) / (G < 512 ? G : 512));
+        iz[j] = is[j] + 1;
+    }
+    const __m512i sidx = _mm512_loadu_si512(is), zidx = _mm512_loadu_si512(iz);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    int64_t nb = K / 32;
+    for (int64_t g = 0; g * 16 < nb; g++) {
+        int64_t nbk = nb - 16 * g < 16 ? nb - 16 * g : 16, base = 256 * g, step = 4 * nbk;
+        __mmask64 m = nbk == 16 ? ~0ull : ((1ull << (4 * nbk)) - 1);
+        __mmask16 mb = (__mmask16)((1u << nbk) - 1);
+        __m512i xa[4], xb[4];
+        for (int t = 0; t < 4; t++) {
+            xa[t] = _mm512_maskz_loadu_epi8(m, r->q4a + base + t * step);
+            xb[t] = _mm512_maskz_loadu_epi8(m, r->q4b + base + t * step);
+        }
+        __m512 xd = _mm512_maskz_loadu_ps(mb, r->d + 16 * g), xs = _mm512_maskz_loadu_ps(mb, r->xs + 16 * g);
+        int64_t p0 = 2 * ((16 * g * 32) / G);                  /* first (scale, zero) of this group of blocks */
+        int64_t npair = (nbk * 32 + G - 1) / G;                 /* pairs it spans */
+        for (int i = 0; i < 4; i++) {
+            const uint8_t *wr = w + i * ldw + base;
+            __m512i L = _mm512_setzero_si512(), Hh = _mm512_setzero_si512();
+            for (int t = 0; t < 4; t++) {
+                _mm_prefetch((const char *)(wr + PF_ROWS * ldw + t * step), _MM_HINT_T0);
+                __m512i wv = _mm512_maskz_loadu_epi8(m, wr + t * step);
+                L = _mm512_dpbusd_epi32(L, _mm512_and_si512(wv, lo4), xa[t]);
+                Hh = _mm512_dpbusd_epi32(Hh, _mm512_and_si512(wv, hi4), xb[t]);  /* 16 x the high nibbles' */
+            }
+            __m512 S = _mm512_cvtepi32_ps(_mm512_add_epi32(L, _mm512_srai_epi32(Hh, 4)));
+            __m512 sc, ze;
+            const char *sr = (const char *)sz + (i * lds + p0) * (sk == SK_F32 ? 4 : 2);
+            if (G == 32) {
+                int64_t nh = 2 * npair;
+                __m512 a = load_scales16(sr, sk, 0, (__mmask16)(nh >= 16 ? 0xffff : (1u << nh) - 1));
+                __m512 b = load_scales16(sr, sk, 16, (__mmask16)(nh > 16 ? (1u << (nh - 16)) - 1 : 0));
+                sc = _mm512_permutex2var_ps(a, ev, b);
+                ze = _mm512_permutex2var_ps(a, od, b);
+            } else {
+                __m512 a = load_scales16(sr, sk, 0, (__mmask16)((1u << (2 * npair)) - 1));
+                sc = _mm512_permutexvar_ps(sidx, a);
+                ze = _mm512_permutexvar_ps(zidx, a);
+            }
+            acc[i] = _mm512_fmadd_ps(S, _mm512_mul_ps(sc, xd), acc[i]);
+            acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, sc, ze), xs, acc[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+#endif
+
+/* ------------------------------------------------------------------ bf16 */
+
+static float dot_bf16_ref(const uint16_t *w, const void *x, int x_kind, int64_t K) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; k++) acc += bf16_f32(w[k]) * x_at(x, x_kind, k);
+    return acc;
+}
+
+#ifdef MT_AVX512
+static void dot_bf16_4(const uint16_t *w, int64_t ldw, const uint16_t *xb, const float *xf, int64_t K, float out[4]) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t k = 0;
+#ifdef MT_BF16DOT
+    for (; k + 32 <= K; k += 32) {
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(w + (i + PF_ROWS) * ldw + k), _MM_HINT_T0);
+            acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(w + i * ldw + k));
+        }
+    }
+#endif
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv = _mm512_loadu_ps(xf + k);
+        for (int i = 0; i < 4; i++) {
+            __m256i h = _mm256_loadu_si256((const __m256i *)(w + i * ldw + k));
+            __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            acc[i] = _mm512_fmadd_ps(wv, xv, acc[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        float t = _mm512_reduce_add_ps(acc[i]);
+        for (int64_t j = k; j < K; j++) t += bf16_f32(w[i * ldw + j]) * xf[j];
+        out[i] = t;
+    }
+}
+#endif
+
+
+/* ------------------------------------------------------------------ one entry point per shape */
+
+enum { W_BF16 = 0, W_INT8 = 1, W_INT4 = 2 };
+
+typedef struct {
+    int kind;            /* W_* */
+    int sk;              /* scale kind (SK_*), int kinds */
+    int64_t N, K, G;     /* G: inputs per scale, int kinds */
+    const void *codes;   /* bf16 values or int codes */
+    const void *scales;  /* int kinds */
+} wdesc;
+
+/* An input row made ready for one weight kind. */
+typedef struct {
+    qrow q;              /* int kinds */
+    uint16_t *xb;        /* bf16 kind: the row in bf16 */
+    float *xf;           /* bf16 kind: the row in float32 */
+} xprep;
+
+static void xprep_free(xprep *p) {
+    qrow_free(&p->q);
+    free(p->xb); free(p->xf);
+    memset(p, 0, sizeof(*p));
+}
+
+static int xprep_make(xprep *p, const wdesc *w, const void *x, int x_kind) {
+    memset(p, 0, sizeof(*p));
+    int64_t K = w->K;
+    if (w->kind == W_BF16) {
+        p->xb = xalloc((size_t)(K + 32) * 2);
+        p->xf = xalloc((size_t)(K + 16) * 4);
+        if (!p->xb || !p->xf) return -1;
+        for (int64_t i = 0; i < K; i++) {
+            p->xf[i] = x_at(x, x_kind, i);
+            p->xb[i] = x_kind == OUT_BF16 ? ((const uint16_t *)x)[i] : f32_bf16(p->xf[i]);
+        }
+        return 0;
+    }
+    return qrow_make(&p->q, x, x_kind, K, w->kind == W_INT8 ? 8 : 4);
+}
+
+static int wdesc_ok(const wdesc *w) {
+    if (w->kind == W_BF16) return w->K > 0;
+    if (w->kind == W_INT8) return int8_group_ok(w->G, w->K) && w->K % w->G == 0;
+    return w->K % 32 == 0 && w->G % 32 == 0 && w->K % w->G == 0;
+}
+
+/* Outputs n0..n1 (n0 a multiple of 4) of one prepared row into y[n0..n1] (float32). */
+static void rows_dot(const wdesc *w, const xprep *p, int64_t n0, int64_t n1, float *y, int vectorized) {
+    int64_t K = w->K, es = w->sk == SK_F32 ? 4 : 2;
+    for (int64_t n = n0; n < n1; n += 4) {
+        float o[4];
+        int full = vectorized && n + 4 <= n1;
+        if (w->kind == W_BF16) {
+            const uint16_t *wr = (const uint16_t *)w->codes + n * K;
+#ifdef MT_AVX512
+            if (full) { dot_bf16_4(wr, K, p->xb, p->xf, K, o); goto done; }
+#endif
+            for (int i = 0; i < 4 && n + i < n1; i++) o[i] = dot_bf16_ref(wr + i * K, p->xf, OUT_F32, K);
+        } else if (w->kind == W_INT8) {
+            int64_t lds = K / w->G;
+            const int8_t *wr = (const int8_t *)w->codes + n * K;
+            const char *sr = (const char *)w->scales + n * lds * es;
+#ifdef MT_VNNI
+            if (full) { dot_int8_4(wr, K, sr, w->sk, lds, w->G, K, &p->q, o); }
+            else
+#endif
+            for (int i = 0; i < 4 && n + i < n1; i++) o[i] = dot_int8_ref(wr + i * K, sr + i * lds * es, w->sk, w->G, K, &p->q);
+            if (w->G == K)
+                for (int i = 0; i < 4 && n + i < n1; i++) o[i] *= scale_at(w->scales, w->sk, n + i);
+        } else {
+            int64_t lds = 2 * (K / w->G);
+            const uint8_t *wr = (const uint8_t *)w->codes + n * (K / 2);
+            const char *sr = (const char *)w->scales + n * lds * es;
+#ifdef MT_VNNI
+            if (full) { dot_int4_4(wr, K / 2, sr, w->sk, lds, w->G, K, &p->q, o); goto done; }
+#endif
+            for (int i = 0; i < 4 && n + i < n1; i++)
+                o[i] = dot_int4_ref(wr + i * (K / 2), sr + i * lds * es, w->sk, w->G, K, &p->q);
+        }
+#if defined(MT_AVX512)
+    done:
+#endif
+        for (int i = 0; i < 4 && n + i < n1; i++) y[n + i] = o[i];
+    }
+}
+
+/* Split N outputs (in blocks of 4) over the threads of the current parallel region. */
+static void my_rows(int64_t N, int64_t *n0, int64_t *n1) {
+#ifdef _OPENMP
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    int t = 0, nt = 1;
+#endif
+    int64_t blocks = (N + 3) / 4, per = blocks / nt, extra = blocks % nt;
+    int64_t b0 = t * per + (t < extra ? t : extra), b1 = b0 + per + (t < extra ? 1 : 0);
+    *n0 = b0 * 4;
+    *n1 = b1 * 4 < N ? b1 * 4 : N;
+}
+
+static int threads_for(int threads, int64_t N, int64_t K) {
+    /* below ~64K weights a second thread costs more than it saves */
+    return (threads > 1 && N * K >= 65536) ? threads : 1;
+}
+
+/* y[M, N] = x[M, K] @ w^T; x bf16 or f32 rows, y bf16 or f32. 0, or -1 (bad shape / out of memory:
+ * nothing written). */
+int mt_gemv(int kind, const void *codes, const void *scales, int sk, int64_t G, int64_t N, int64_t K,
+            const void *x, int x_kind, int64_t M, void *y, int out_kind, int threads, int vectorized) {
+    wdesc w = {kind, sk, N, K, G, codes, scales};
+    if (!wdesc_ok(&w)) return -1;
+    xprep *p = calloc((size_t)M, sizeof(xprep));
+    float *acc = xalloc((size_t)(M * N) * 4);
+    int bad = !p || !acc;
+    for (int64_t m = 0; m < M && !bad; m++)
+        bad |= xprep_make(&p[m], &w, (const char *)x + m * K * (x_kind == OUT_BF16 ? 2 : 4), x_kind);
+    if (!bad) {
+#pragma omp parallel num_threads(threads_for(threads, N, K))
+        {
+            int64_t n0, n1;
+            my_rows(N, &n0, &n1);
+            for (int64_t m = 0; m < M; m++) rows_dot(&w, &p[m], n0, n1, acc + m * N, vectorized);
+        }
+        for (int64_t i = 0; i < M * N; i++) store_out(y, out_kind, i, acc[i]);
+    }
+    if (p)
+        for (int64_t m = 0; m < M; m++) xprep_free(&p[m]);
+    free(p);
+    free(acc);
+    return bad ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ a token's routed experts */
+
+typedef struct {
+    wdesc gate_up;  /* [2I, H]: gate rows, then up rows */
+    wdesc down;     /* [H, I] */
+} expert;
+
+static inline float silu_bf16(float g) {
+    return bf16_f32(f32_bf16(g / (1.f + expf(-g))));
+}
+
+/* out[H] = sum_j weights[j] * down_j(silu(gate_j(x)) * up_j(x)) for one token x[H], rounding where the
+ * unfused bf16 path rounds (each matmul's output, silu, the product: to bf16 when out_kind is bf16),
+ * summing the weighted outputs in float32. */
+int mt_moe1(const expert *ex, const float *weights, int k, const void *x, int x_kind, void *out, int out_kind,
+            int threads, int vectorized) {
+    if (k <= 0) return -1;
+    int64_t H = ex[0].gate_up.K, I2 = ex[0].gate_up.N, I = I2 / 2;
+    for (int j = 0; j < k; j++)
+        if (!wdesc_ok(&ex[j].gate_up) || !wdesc_ok(&ex[j].down) || ex[j].gate_up.K != H || ex[j].gate_up.N != I2 ||
+            ex[j].down.K != I || ex[j].down.N != H)
+            return -1;
+    int round = out_kind == OUT_BF16;
+    float *h = xalloc((size_t)I2 * 4), *a = xalloc((size_t)I * 4), *y = xalloc((size_t)H * 4),
+          *sum = xalloc((size_t)H * 4);
+    xprep px, pa;
+    memset(&px, 0, sizeof(px));
+    memset(&pa, 0, sizeof(pa));
+    int bad = !h || !a || !y || !sum;
+    int nt = threads_for(threads, I2, H);
+    for (int j = 0; j < k && !bad; j++) {
+        /* the input is prepared once for every expert of the same kind and grouping */
+        if (j == 0 || ex[j].gate_up.kind != ex[j - 1].gate_up.kind || ex[j].gate_up.G != ex[j - 1].gate_up.G) {
+            xprep_free(&px);
+            if (xprep_make(&px, &ex[j].gate_up, x, x_kind)) { bad = 1; break; }
+        }
+#pragma omp parallel num_threads(nt)
+        {
+            int64_t n0, n1;
+            my_rows(I2, &n0, &n1);
+            rows_dot(&ex[j].gate_up, &px, n0, n1, h, vectorized);
+        }
+        for (int64_t i = 0; i < I; i++) {
+            float g = h[i], u = h[I + i];
+            if (round) {
+                g = bf16_f32(f32_bf16(g));
+                u = bf16_f32(f32_bf16(u));
+                a[i] = bf16_f32(f32_bf16(silu_bf16(g) * u));
+            } else {
+                a[i] = g / (1.f + expf(-g)) * u;
+            }
+        }
+        xprep_free(&pa);
+        if (xprep_make(&pa, &ex[j].down, a, OUT_F32)) { bad = 1; break; }
+#pragma omp parallel num_threads(nt)
+        {
+            int64_t n0, n1;
+            my_rows(H, &n0, &n1);
+            rows_dot(&ex[j].down, &pa, n0, n1, y, vectorized);
+        }
+        for (int64_t i = 0; i < H; i++) {
+            float v = round ? bf16_f32(f32_bf16(y[i])) : y[i];
+            sum[i] = j == 0 ? v * weights[0] : sum[i] + v * weights[j];
+        }
+    }
+    if (!bad)
+        for (int64_t i = 0; i < H; i++) store_out(out, out_kind, i, sum[i]);
+    xprep_free(&px);
+    xprep_free(&pa);
+    free(h); free(a); free(y); free(sum);
+    return bad ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ a decode token's attention block */
+
+static inline float rb(float v) { return bf16_f32(f32_bf16(v)); }  /* round through bf16 */
+
+typedef struct {
+    wdesc q, k, v, o;
+    const uint16_t *q_bias, *k_bias, *v_bias, *o_bias;  /* bf16 [N] or NULL */
+    const uint16_t *norm;                               /* input RMSNorm weight, bf16 [H] */
+    const uint16_t *q_norm, *k_norm;                    /* per-head RMSNorm weights, bf16 [d], or NULL */
+    float eps, head_eps, scale;
+    int64_t hq, hk, d, window;                          /* window 0: full attention */
+} attn_desc;
+
+/* x[n] (float32, bf16 values) <- the bf16 path's RMSNorm: bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) */
+static void rms_norm_bf16(float *x, int64_t n, const uint16_t *w, float eps) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) x[i] = rb(bf16_f32(w[i]) * rb(x[i] * r));
+}
+
+/* one projection of the prepared input: y[N] rounded to bf16 (+ bias, rounded again, as linear + bias) */
+static void project(const wdesc *w, const xprep *p, const uint16_t *bias, float *y, int threads) {
+#pragma omp parallel num_threads(threads_for(threads, w->N, w->K))
+    {
+        int64_t n0, n1;
+        my_rows(w->N, &n0, &n1);
+        rows_dot(w, p, n0, n1, y, 1);
+    }
+    for (int64_t i = 0; i < w->N; i++) y[i] = bias ? rb(rb(y[i]) + bf16_f32(bias[i])) : rb(y[i]);
+}
+
+static void rope_bf16(float *h, int64_t d, const float *cosr, const float *sinr) {
+    /* x * cos + roll(x, d/2) * sin with the first half of sin negated, each op rounded to bf16 */
+    float t[512];
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i++) {
+        float c = rb(cosr[i]), s = rb(sinr[i]);
+        float rolled = i < half ? h[i + half] : h[i - half];
+        t[i] = rb(rb(h[i] * c) + rb(rolled * (i < half ? -s : s)));
+    }
+    memcpy(h, t, (size_t)d * 4);
+}
+
+/* x[H] (bf16, in place) += o(attention(rope(q, k), v)) of one token at `pos` of one sequence; its k and v are
+ * written to kbuf/vbuf ([hk, cap, d] bf16) at pos, and it attends to positions max(0, pos - window + 1)..pos. */
+int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, const float *sinr, uint16_t *kbuf,
+             uint16_t *vbuf, int64_t cap, int threads) {
+    int64_t H = a->q.K, d = a->d, hq = a->hq, hk = a->hk;
+    if (d > 512 || d % 2 || hq % hk || a->q.N != hq * d || a->k.N != hk * d || a->v.N != hk * d || a->o.K != hq * d ||
+        a->o.N != H || pos >= cap || !wdesc_ok(&a->q) || !wdesc_ok(&a->k) || !wdesc_ok(&a->v) || !wdesc_ok(&a->o))
+        return -1;
+    int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0, L = pos + 1 - lo;
+    float *xn = xalloc((size_t)H * 4), *q = xalloc((size_t)hq * d * 4), *k = xalloc((size_t)hk * d * 4),
+          *v = xalloc((size_t)hk * d * 4), *att = xalloc((size_t)hq * d * 4), *o = xalloc((size_t)H * 4),
+          *sc = xalloc((size_t)hq * L * 4);
+    xprep p;
+    memset(&p, 0, sizeof(p));
+    int bad = !xn || !q || !k || !v || !att || !o || !sc;
+    if (!bad) {
+        for (int64_t i = 0; i < H; i++) xn[i] = bf16_f32(x[i]);
+        rms_norm_bf16(xn, H, a->norm, a->eps);
+        bad = xprep_make(&p, &a->q, xn, OUT_F32);
+    }
+    if (!bad) {
+        project(&a->q, &p, a->q_bias, q, threads);
+        if (a->k.kind != a->q.kind || a->k.G != a->q.G) { xprep_free(&p); bad = xprep_make(&p, &a->k, xn, OUT_F32); }
+    }
+    if (!bad) {
+        project(&a->k, &p, a->k_bias, k, threads);
+        if (a->v.kind != a->k.kind || a->v.G != a->k.G) { xprep_free(&p); bad = xprep_make(&p, &a->v, xn, OUT_F32); }
+    }
+    if (!bad) {
+        project(&a->v, &p, a->v_bias, v, threads);
+        for (int64_t h = 0; h < hq; h++) {
+            if (a->q_norm) rms_norm_bf16(q + h * d, d, a->q_norm, a->head_eps);
+            rope_bf16(q + h * d, d, cosr, sinr);
+        }
+        for (int64_t h = 0; h < hk; h++) {
+            if (a->k_norm) rms_norm_bf16(k + h * d, d, a->k_norm, a->head_eps);
+            rope_bf16(k + h * d, d, cosr, sinr);
+            for (int64_t i = 0; i < d; i++) {
+                kbuf[(h * cap + pos) * d + i] = f32_bf16(k[h * d + i]);
+                vbuf[(h * cap + pos) * d + i] = f32_bf16(v[h * d + i]);
+            }
+        }
+        int64_t group = hq / hk;
+#pragma omp parallel for num_threads(threads > 1 && L * hq * d >= 65536 ? threads : 1) schedule(static)
+        for (int64_t h = 0; h < hq; h++) {
+            const uint16_t *kh = kbuf + ((h / group) * cap + lo) * d, *vh = vbuf + ((h / group) * cap + lo) * d;
+            const float *qh = q + h * d;
+            float *s = sc + h * L, mx = -INFINITY, tot = 0.f;
+            for (int64_t t = 0; t < L; t++) {
+                float acc = 0.f;
+                for (int64_t i = 0; i < d; i++) acc += qh[i] * bf16_f32(kh[t * d + i]);
+                s[t] = acc * a->scale;
+                mx = s[t] > mx ? s[t] : mx;
+            }
+            for (int64_t t = 0; t < L; t++) {
+                s[t] = expf(s[t] - mx);
+                tot += s[t];
+            }
+            float *out = att + h * d, inv = 1.f / tot;
+            for (int64_t i = 0; i < d; i++) out[i] = 0.f;
+            for (int64_t t = 0; t < L; t++) {
+                float pt = s[t] * inv;
+                for (int64_t i = 0; i < d; i++) out[i] += pt * bf16_f32(vh[t * d + i]);
+            }
+            for (int64_t i = 0; i < d; i++) out[i] = rb(out[i]);
+        }
+        xprep_free(&p);
+        bad = xprep_make(&p, &a->o, att, OUT_F32);
+    }
+    if (!bad) {
+        project(&a->o, &p, a->o_bias, o, threads);
+        for (int64_t i = 0; i < H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + o[i]);
+    }
+    xprep_free(&p);
+    free(xn); free(q); free(k); free(v); free(att); free(o); free(sc);
+    return bad ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ a decode token's routing */
+
+/* xn[H] (bf16 out) = RMSNorm(x); softmax over the router's logits (bf16-rounded, as F.linear's output, then
+ * float32), the top k (ties: the lower expert id) -> ids[k], weights[k] (renormalised if `normalize`). */
+int mt_route1(const uint16_t *x, int64_t H, const uint16_t *norm, float eps, const wdesc *router, int k, int normalize,
+              uint16_t *xn_out, int64_t *ids, float *weights, int threads) {
+    int64_t E = router->N;
+    if (router->K != H || k <= 0 || k > E || !wdesc_ok(router)) return -1;
+    float *xn = xalloc((size_t)H * 4), *lg = xalloc((size_t)(E + 16) * 4);
+    xprep p;
+    memset(&p, 0, sizeof(p));
+    int bad = !xn || !lg;
+    if (!bad) {
+        for (int64_t i = 0; i < H; i++) xn[i] = bf16_f32(x[i]);
+        rms_norm_bf16(xn, H, norm, eps);
+        for (int64_t i = 0; i < H; i++) xn_out[i] = f32_bf16(xn[i]);
+        bad = xprep_make(&p, router, xn, OUT_F32);
+    }
+    if (!bad) {
+        project(router, &p, NULL, lg, threads);
+        float mx = -INFINITY, tot = 0.f;
+        for (int64_t e = 0; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
+        for (int64_t e = 0; e < E; e++) { lg[e] = expf(lg[e] - mx); tot += lg[e]; }
+        for (int64_t e = 0; e < E; e++) lg[e] /= tot;
+        float sum = 0.f;
+        for (int j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= ids[i] == e;
+                if (!taken && (best < 0 || lg[e] > lg[best])) best = e;
+            }
+            ids[j] = best;
+            weights[j] = lg[best];
+            sum += lg[best];
+        }
+        if (normalize)
+            for (int j = 0; j < k; j++) weights[j] /= sum;
+    }
+    xprep_free(&p);
+    free(xn); free(lg);
+    return bad ? -1 : 0;
+}

@@ -1,0 +1,171 @@
+"""One decode token through a decoder layer in three native calls (``kernels/native``) instead of ~40 ops.
+
+At batch 1 a layer's weights are read in a few milliseconds at most (int4: well under one), while
+the unfused layer costs some 40 torch ops of a few microseconds each: norm, three projections,
+rotary, the KV write, attention, output projection, norm, router, softmax, top-k, experts, sums.
+:class:`FusedLayer` runs the same math as three calls into ``gemv.c``:
+
+* ``mt_attn1``: RMSNorm, q/k/v projections (+ bias, + per-head q/k norm), rotary, the KV write into
+  the sequence's cache buffers, attention over the cache (sliding window too), output projection and
+  the residual add;
+* ``mt_route1``: RMSNorm and the softmax top-k router;
+* the routed experts through :meth:`ExpertsBase.forward` (resident: one ``mt_moe1`` call; offloaded:
+  the store fetches the chosen experts first, as for any step), then the shared expert if any.
+
+Every intermediate is rounded to bf16 where the unfused bf16 path rounds, and the projections use
+the same few-row kernels the unfused path uses at one row, so the two agree to within the
+summation order of norms and attention. A layer takes this path only for one token of one sequence
+in bf16, with weights the native kernels read (plain bf16, int8, int4 ``rows``), families whose
+attention is plain GQA (optionally with q/k/v bias and per-head q/k norm) and whose MoE router is a
+softmax top-k; anything else keeps the unfused path. ``MOETIER_FUSED=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..kernels import native
+from ..kernels.linear import has_native, native_rows
+from ..kernels.quant import QuantWeight
+from .layers import Attention, RMSNorm
+from .moe import SoftmaxTopKRouter, SparseMoeBlock
+
+ENV = "MOETIER_FUSED"
+
+
+class AttnDesc(ctypes.Structure):
+    """gemv.c's ``attn_desc``."""
+
+    _fields_ = [("q", native.WDesc), ("k", native.WDesc), ("v", native.WDesc), ("o", native.WDesc),
+                ("q_bias", ctypes.c_void_p), ("k_bias", ctypes.c_void_p), ("v_bias", ctypes.c_void_p),
+                ("o_bias", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("eps", ctypes.c_float), ("head_eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("hq", ctypes.c_int64), ("hk", ctypes.c_int64), ("d", ctypes.c_int64),
+                ("window", ctypes.c_int64)]
+
+
+def _signatures(so) -> None:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    so.mt_attn1.argtypes = [p, p, i64, p, p, p, p, i64, i32]
+    so.mt_route1.argtypes = [p, i64, p, f32, p, i32, i32, p, p, p, i32]
+    so.mt_attn1.restype = so.mt_route1.restype = i32
+
+
+def _weight(m: nn.Module):
+    """The weight a projection module multiplies by, if the native kernels read it at one row; else None."""
+    w = m.qweight if hasattr(m, "qweight") else (m.weight if type(m) is nn.Linear else None)
+    if w is None or not has_native(w):
+        return None
+    kind = w.kind if type(w) is QuantWeight else "bf16"
+    return w if native_rows(kind, torch.get_num_threads()) > 1 else None
+
+
+def _wdesc(w) -> native.WDesc:
+    kind, codes, scales, sk, G, N, K = native.describe(w)
+    return native.WDesc(kind, sk, N, K, G, codes, scales)
+
+
+def _bf16_ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    if t is None:
+        return None
+    if t.dtype != torch.bfloat16 or not t.is_contiguous() or not t.is_cpu:
+        raise ValueError("not a contiguous bf16 CPU tensor")
+    return t.data_ptr()
+
+
+class FusedLayer:
+    """The fused decode path of one :class:`~moetier.models.decoder.DecoderLayer` (module docstring)."""
+
+    def __init__(self, layer: nn.Module, index: int):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.layer, self.index, self.attn, self.mlp = layer, index, attn, mlp
+        ws = [_weight(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        router = _weight_plain(mlp.gate)
+        if any(w is None for w in ws) or router is None:
+            raise ValueError("a weight the native kernels do not read")
+        self._keep = ws + [router]  # the descriptors hold raw pointers: keep the tensors alive
+        head = attn.qk_norm == "head"
+        self.desc = AttnDesc(
+            *[_wdesc(w) for w in ws],
+            *[_bf16_ptr(getattr(attn, n).bias) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
+            _bf16_ptr(layer.input_layernorm.weight),
+            _bf16_ptr(attn.q_norm.weight) if head else None, _bf16_ptr(attn.k_norm.weight) if head else None,
+            layer.input_layernorm.eps, attn.q_norm.eps if head else 0.0, attn.scale,
+            attn.hq, attn.hk, attn.d, attn.window or 0)
+        self.router = _wdesc(router)
+        self.post_norm = layer.post_attention_layernorm
+        _bf16_ptr(self.post_norm.weight)
+        H, k = attn.q_proj.in_features, mlp.gate.top_k
+        self.H, self.k = H, k
+        self.xn = torch.empty(1, H, dtype=torch.bfloat16)
+        self.ids = torch.empty(1, k, dtype=torch.int64)
+        self.weights = torch.empty(1, k, dtype=torch.float32)
+        self.part = torch.empty((attn.hk, 1, attn.d), dtype=torch.bfloat16, device="meta")  # a KV part's shape
+
+    def __call__(self, x: torch.Tensor, batch) -> torch.Tensor:
+        so, attn, threads = native.lib(), self.attn, torch.get_num_threads()
+        cache, pos = batch.caches[0], batch.starts[0]
+        kb, vb = cache.reserve(self.index, pos + 1, (self.part, self.part))
+        cos, sin = attn.rotary._table(pos + 1, x.device)
+        row = pos * cos.shape[1] * 4
+        x = x.contiguous()  # written in place: x is the previous layer's fresh output
+        if so.mt_attn1(ctypes.byref(self.desc), x.data_ptr(), pos, cos.data_ptr() + row, sin.data_ptr() + row,
+                       kb.data_ptr(), vb.data_ptr(), kb.shape[1], threads):
+            raise RuntimeError(f"fused attention refused layer {self.index} at position {pos}")
+        mlp = self.mlp
+        if so.mt_route1(x.data_ptr(), self.H, self.post_norm.weight.data_ptr(), self.post_norm.eps,
+                        ctypes.byref(self.router), self.k, mlp.gate.normalize, self.xn.data_ptr(), self.ids.data_ptr(),
+                        self.weights.data_ptr(), threads):
+            raise RuntimeError(f"fused routing refused layer {self.index}")
+        xn = self.xn
+        out = mlp.experts(xn, self.ids, self.weights)
+        if mlp.shared_expert is not None:
+            shared = mlp.shared_expert(xn)
+            if mlp.shared_expert_gate is not None:
+                shared = torch.sigmoid(mlp.shared_expert_gate(xn)) * shared
+            out = out + shared
+        return x + out
+
+
+def _weight_plain(gate: nn.Module):
+    """The router's weight if the native bf16 kernel reads it (routers stay in 16 bits)."""
+    w = gate.weight
+    return w if has_native(w) and native_rows("bf16", torch.get_num_threads()) > 1 else None
+
+
+def eligible(layer: nn.Module) -> bool:
+    """Whether a decoder layer's structure is one the fused path computes (module docstring)."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(attn) is not Attention or not isinstance(mlp, SparseMoeBlock) or type(mlp.gate) is not SoftmaxTopKRouter:
+        return False
+    if attn.qk_norm not in (None, "head") or attn.clip_qkv is not None or attn.rotary.interleaved:
+        return False
+    if mlp.scaling != 1.0 or attn.d > 512 or attn.d % 2:
+        return False
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if attn.qk_norm == "head":
+        norms += [attn.q_norm, attn.k_norm]
+    return all(type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 and n.weight.is_cpu for n in norms)
+
+
+def install(model: nn.Module) -> int:
+    """Give every eligible decoder layer of ``model`` its fused decode path; returns how many got one."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or os.environ.get(ENV, "").strip() == "0" or native.lib() is None:
+        return 0
+    _signatures(native.lib())
+    n = 0
+    for i, layer in enumerate(layers):
+        layer.fused = None
+        if eligible(layer):
+            try:
+                layer.fused = FusedLayer(layer, i)
+                n += 1
+            except ValueError:
+                pass
+    return n
