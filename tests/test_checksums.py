@@ -250,7 +250,7 @@ def test_server_fails_the_request_and_keeps_serving(copy, clean):
 
 def _batch_input(path: Path, n: int = 4) -> Path:
     lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                         "body": {"model": "demo", "prompt": f"{i}+{i}=", "max_tokens": 3, "temperature": 0}})
+                         "body": {"prompt": f"{i}+{i}=", "max_tokens": 3, "temperature": 0}})
              for i in range(n)]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -329,7 +329,7 @@ def test_a_failed_step_fails_its_requests_and_the_waiting_ones_run(clean, monkey
         assert isinstance(got[-1][1], CheckpointError) and "Errno 5" in str(got[-1][1])
         got = messages(second)
         assert got[0][0] == "started" and got[-1][0] == "done", got
-        assert got[-1][1][0].text.strip() == "46"
+        assert got[-1][1].outs[0].text.strip() == "46"
     finally:
         worker.stop(wait=30)
         llm.close()

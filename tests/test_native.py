@@ -164,8 +164,9 @@ def test_fused_decode_layer_agrees_with_the_unfused_layer(checkpoints, family, q
 def test_fused_offloaded_experts_equal_resident_ones(checkpoints):
     ck = str(checkpoints["mixtral"])
     resident = _decode(LLM(ck, dtype="bfloat16", quantization="int4"), True)
-    offloaded = LLM(ck, dtype="bfloat16", quantization="int4", expert_slots=3, offload_dir=str(checkpoints["mixtral"].parent / "off"))
+    offloaded = LLM(ck, dtype="bfloat16", quantization="int4", expert_slots=4, offload_dir=str(checkpoints["mixtral"].parent / "off"))
     assert all(layer.fused is not None for layer in offloaded.model.model.layers)
+    assert type(offloaded.model.model.layers[0].mlp.experts).__name__ == "OffloadedExperts"
     assert _decode(offloaded, True) == resident
 
 
