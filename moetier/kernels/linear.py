@@ -82,7 +82,9 @@ def native_rows(kind: str, threads: int) -> int:
                        layout=int4_kernel_layout() if kind == "int4" else None)
 
         def other(x):
-            return kernel_linear(x, ref) if x.shape[0] < quant_rows(kind, threads) and has_kernel(ref) else wide_linear(x, ref)
+            if x.shape[0] < quant_rows(kind, threads) and has_kernel(ref):
+                return kernel_linear(x, ref)
+            return wide_linear(x, ref)
     with torch.inference_mode():
         for rows in PROBE_ROWS[1:]:  # one row is always native: it skips the other kernels' fixed cost
             x = torch.randn(rows, 1024, generator=g).to(torch.bfloat16)
@@ -138,7 +140,8 @@ def wide_linear(x2: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     dt = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
     if w.kind == "int8" and w.group_size == K:
         return (linear(x2.to(dt), w.codes.to(dt)) * w.scales.view(N).to(dt)).to(x2.dtype)
-    if w.kind == "int4" and w.layout in INT4_LAYOUTS and INT4_LAYOUTS[w.layout][1] and N % INT4_LAYOUTS[w.layout][0] == 0:
+    torch_order = INT4_LAYOUTS.get(w.layout)
+    if w.kind == "int4" and torch_order and torch_order[1] and N % torch_order[0] == 0:
         b = INT4_LAYOUTS[w.layout][0]
         G, NB = w.group_size, N // b
         packed = w.codes.reshape(NB, K, b // 2)

@@ -332,7 +332,7 @@ def _interleave(t: torch.Tensor, forward: bool) -> torch.Tensor:
 
 
 def machine_int4_layout() -> str:
-    """The int4 code order to quantize into here: ``r32`` where moetier's own int4 kernel runs (it needs
+    """The int4 code order to quantize into here: ``rows`` where moetier's own int4 kernel runs (it needs
     K a multiple of 32, as every int4 group size is), else torch's kernel's
     (:func:`int4_kernel_layout`), else ``b64s``."""
     from .native import kinds
