@@ -15,6 +15,15 @@ from moetier.kernels.quant import QuantScheme, quantize
 pytestmark = pytest.mark.skipif(not native.kinds(), reason="no C compiler or no AVX-512 here: torch's kernels serve")
 
 
+@pytest.fixture(autouse=True)
+def plain_bf16_weights(monkeypatch):
+    """Keep bf16 weights plain (as on a CPU without AMX) so the fused path is tested on every CPU: with AMX the
+    loader packs them for oneDNN, which the native kernels cannot read."""
+    from moetier.models import prepack
+
+    monkeypatch.setattr(prepack, "native_first", lambda: True)
+
+
 def _rows_quantized(x: torch.Tensor) -> torch.Tensor:
     """``x`` ``[M, K]`` as the int kernels see it: int8 per block of 32, scale max|x| / 127, round half to even."""
     M, K = x.shape

@@ -65,11 +65,6 @@ def _weight(m: nn.Module):
     return w if native_rows(kind, torch.get_num_threads()) > 1 else None
 
 
-def _wdesc(w) -> native.WDesc:
-    kind, codes, scales, sk, G, N, K = native.describe(w)
-    return native.WDesc(kind, sk, N, K, G, codes, scales)
-
-
 def _bf16_ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     if t is None:
         return None
@@ -91,13 +86,13 @@ class FusedLayer:
         self._keep = ws + [router]  # the descriptors hold raw pointers: keep the tensors alive
         head = attn.qk_norm == "head"
         self.desc = AttnDesc(
-            *[_wdesc(w) for w in ws],
+            *[native.wdesc(w) for w in ws],
             *[_bf16_ptr(getattr(attn, n).bias) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
             _bf16_ptr(layer.input_layernorm.weight),
             _bf16_ptr(attn.q_norm.weight) if head else None, _bf16_ptr(attn.k_norm.weight) if head else None,
             layer.input_layernorm.eps, attn.q_norm.eps if head else 0.0, attn.scale,
             attn.hq, attn.hk, attn.d, attn.window or 0)
-        self.router = _wdesc(router)
+        self.router = native.wdesc(router)
         self.post_norm = layer.post_attention_layernorm
         _bf16_ptr(self.post_norm.weight)
         H, k = attn.q_proj.in_features, mlp.gate.top_k

@@ -144,6 +144,12 @@ def describe(w) -> tuple:
     return (kind, w.codes.data_ptr(), w.scales.data_ptr(), SCALE_KINDS[w.scales.dtype], w.group_size, *w.shape)
 
 
+def wdesc(w) -> WDesc:
+    """The kernels' view of a bf16 tensor or an int8 / int4 (``rows``) QuantWeight."""
+    kind, codes, scales, sk, G, N, K = describe(w)
+    return WDesc(kind, sk, N, K, G, codes, scales)
+
+
 def gemv(x2: torch.Tensor, w, out: Optional[torch.Tensor] = None, vectorized: bool = True) -> torch.Tensor:
     """``x2`` ``[M, K]`` (bf16 or float32, contiguous, CPU) times weight ``w`` -> ``[M, N]`` in ``x2``'s dtype.
 
@@ -163,14 +169,12 @@ _experts: dict = {}
 
 
 def _expert(gate_up, down) -> Expert:
-    key = describe(gate_up) + describe(down)
+    key = describe(gate_up) + describe(down)  # the pointers and shapes: all a descriptor holds
     e = _experts.get(key)
     if e is None:
         if len(_experts) > 65536:
             _experts.clear()
-        g, d = key[:7], key[7:]
-        e = _experts[key] = Expert(WDesc(g[0], g[3], g[5], g[6], g[4], g[1], g[2]),
-                                   WDesc(d[0], d[3], d[5], d[6], d[4], d[1], d[2]))
+        e = _experts[key] = Expert(wdesc(gate_up), wdesc(down))
     return e
 
 

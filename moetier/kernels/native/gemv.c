@@ -493,6 +493,16 @@ static int threads_for(int threads, int64_t N, int64_t K) {
     return (threads > 1 && N * K >= 65536) ? threads : 1;
 }
 
+/* y[0..N) for one prepared row, the outputs split over `threads` threads */
+static void dot_all(const wdesc *w, const xprep *p, float *y, int threads, int vectorized) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t n0, n1;
+        my_rows(w->N, &n0, &n1);
+        rows_dot(w, p, n0, n1, y, vectorized);
+    }
+}
+
 /* y[M, N] = x[M, K] @ w^T; x bf16 or f32 rows, y bf16 or f32. 0, or -1 (bad shape / out of memory:
  * nothing written). */
 int mt_gemv(int kind, const void *codes, const void *scales, int sk, int64_t G, int64_t N, int64_t K,
@@ -556,12 +566,7 @@ int mt_moe1(const expert *ex, const float *weights, int k, const void *x, int x_
             xprep_free(&px);
             if (xprep_make(&px, &ex[j].gate_up, x, x_kind)) { bad = 1; break; }
         }
-#pragma omp parallel num_threads(nt)
-        {
-            int64_t n0, n1;
-            my_rows(I2, &n0, &n1);
-            rows_dot(&ex[j].gate_up, &px, n0, n1, h, vectorized);
-        }
+        dot_all(&ex[j].gate_up, &px, h, nt, vectorized);
         for (int64_t i = 0; i < I; i++) {
             float g = h[i], u = h[I + i];
             if (round) {
@@ -574,12 +579,7 @@ int mt_moe1(const expert *ex, const float *weights, int k, const void *x, int x_
         }
         xprep_free(&pa);
         if (xprep_make(&pa, &ex[j].down, a, OUT_F32)) { bad = 1; break; }
-#pragma omp parallel num_threads(nt)
-        {
-            int64_t n0, n1;
-            my_rows(H, &n0, &n1);
-            rows_dot(&ex[j].down, &pa, n0, n1, y, vectorized);
-        }
+        dot_all(&ex[j].down, &pa, y, nt, vectorized);
         for (int64_t i = 0; i < H; i++) {
             float v = round ? bf16_f32(f32_bf16(y[i])) : y[i];
             sum[i] = j == 0 ? v * weights[0] : sum[i] + v * weights[j];
@@ -616,12 +616,7 @@ static void rms_norm_bf16(float *x, int64_t n, const uint16_t *w, float eps) {
 
 /* one projection of the prepared input: y[N] rounded to bf16 (+ bias, rounded again, as linear + bias) */
 static void project(const wdesc *w, const xprep *p, const uint16_t *bias, float *y, int threads) {
-#pragma omp parallel num_threads(threads_for(threads, w->N, w->K))
-    {
-        int64_t n0, n1;
-        my_rows(w->N, &n0, &n1);
-        rows_dot(w, p, n0, n1, y, 1);
-    }
+    dot_all(w, p, y, threads_for(threads, w->N, w->K), 1);
     for (int64_t i = 0; i < w->N; i++) y[i] = bias ? rb(rb(y[i]) + bf16_f32(bias[i])) : rb(y[i]);
 }
 
@@ -655,18 +650,19 @@ int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, co
     if (!bad) {
         for (int64_t i = 0; i < H; i++) xn[i] = bf16_f32(x[i]);
         rms_norm_bf16(xn, H, a->norm, a->eps);
-        bad = xprep_make(&p, &a->q, xn, OUT_F32);
+    }
+    const wdesc *proj[3] = {&a->q, &a->k, &a->v};
+    const uint16_t *bias[3] = {a->q_bias, a->k_bias, a->v_bias};
+    float *outs[3] = {q, k, v};
+    for (int i = 0; i < 3 && !bad; i++) {
+        /* the normed input is prepared again only when the weight kind or grouping changes */
+        if (i == 0 || proj[i]->kind != proj[i - 1]->kind || proj[i]->G != proj[i - 1]->G) {
+            xprep_free(&p);
+            bad = xprep_make(&p, proj[i], xn, OUT_F32);
+        }
+        if (!bad) project(proj[i], &p, bias[i], outs[i], threads);
     }
     if (!bad) {
-        project(&a->q, &p, a->q_bias, q, threads);
-        if (a->k.kind != a->q.kind || a->k.G != a->q.G) { xprep_free(&p); bad = xprep_make(&p, &a->k, xn, OUT_F32); }
-    }
-    if (!bad) {
-        project(&a->k, &p, a->k_bias, k, threads);
-        if (a->v.kind != a->k.kind || a->v.G != a->k.G) { xprep_free(&p); bad = xprep_make(&p, &a->v, xn, OUT_F32); }
-    }
-    if (!bad) {
-        project(&a->v, &p, a->v_bias, v, threads);
         for (int64_t h = 0; h < hq; h++) {
             if (a->q_norm) rms_norm_bf16(q + h * d, d, a->q_norm, a->head_eps);
             rope_bf16(q + h * d, d, cosr, sinr);
