@@ -91,7 +91,7 @@ def attach_offload(model, packed, device: torch.device, device_memory: Optional[
     prefetcher = Prefetcher(store, library, [b.gate for b in blocks], top_k, mode=prefetch)
     runtime = OffloadRuntime(store, prefetcher, ExpertTracer(len(blocks), num_experts), library_path)
     for i, b in enumerate(blocks):
-        b.experts = OffloadedExperts(runtime, i, num_experts)
+        b.experts = OffloadedExperts(runtime, i, num_experts).adopt(b.experts)  # biases, activation variants
     log.info("offloading %d experts through %d slots (%s) on %s", total, slots, fmt_size(slots * slot), device)
     memory = {"device_budget": budget, "dense_bytes": dense, "kv_reserve": kv_reserve, "expert_slots": slots,
               "slot_bytes": slot, "device_bytes": dense + kv_reserve + store.nbytes,

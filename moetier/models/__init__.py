@@ -22,6 +22,9 @@ _REGISTRY = {
     "olmoe": "olmoe",
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
+    "gpt_oss": "gpt_oss",
+    "llama4": "llama4",
+    "llama4_text": "llama4",
 }
 
 

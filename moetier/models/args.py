@@ -23,7 +23,7 @@ class RopeArgs:
     """Rotary embedding parameters, normalised from either config style.
 
     transformers <= 4.x writes ``rope_theta`` and ``rope_scaling``; 5.x writes
-    ``rope_parameters`` holding both. ``kind`` is ``default``, ``linear`` or ``yarn``.
+    ``rope_parameters`` holding both. ``kind`` is ``default``, ``linear``, ``yarn`` or ``llama3``.
     """
 
     theta: float = 10000.0
@@ -38,9 +38,9 @@ class RopeArgs:
         merged = {**scaling, **rp}
         theta = merged.get("rope_theta", raw.get("rope_theta", default_theta))
         kind = merged.get("rope_type", merged.get("type", "default")) or "default"
-        if kind not in ("default", "linear", "yarn"):
+        if kind not in ("default", "linear", "yarn", "llama3"):
             raise ConfigError(
-                f"config.json: rope type {kind!r} is not supported (supported: default, linear, yarn)"
+                f"config.json: rope type {kind!r} is not supported (supported: default, linear, yarn, llama3)"
             )
         factor = merged.get("factor")
         return cls(theta=float(theta), kind=kind, factor=float(factor) if factor else 1.0, params=merged)

@@ -70,6 +70,19 @@ def _yarn_inv_freq(rope: RopeArgs, dim: int, max_pos: int) -> tuple[torch.Tensor
     return inv_freq, float(attn_factor)
 
 
+def _llama3_inv_freq(rope: RopeArgs, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1 / Llama 4 scaling: low frequencies divided by ``factor``, a smooth ramp between."""
+    p = rope.params
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
 class Rotary(nn.Module):
     """Rotary position embedding with a lazily grown cos/sin table.
 
@@ -100,6 +113,8 @@ class Rotary(nn.Module):
             inv_freq, scale = 1.0 / (self.rope.theta ** (idx / self.dim)), 1.0
             if self.rope.kind == "linear":
                 inv_freq = inv_freq / self.rope.factor
+            elif self.rope.kind == "llama3":
+                inv_freq = _llama3_inv_freq(self.rope, inv_freq)
         t = torch.arange(size, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -132,15 +132,74 @@ class GroupedSigmoidRouter(nn.Module):
         return weights, ids
 
 
+def clamped_swiglu(alpha: float, limit: float):
+    """gpt-oss's activation: ``(clamp(up, ±limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``."""
+
+    def act(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+    return act
+
+
+class TopKSoftmaxRouter(nn.Module):
+    """gpt-oss: the top k of the (biased) router logits, then a softmax over those k only."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[T, H]`` -> (weights ``[T, k]`` float32, expert ids ``[T, k]``)."""
+        top, ids = torch.topk(F.linear(x, self.weight, self.bias), self.top_k, dim=-1)
+        return F.softmax(top.float(), dim=-1), ids
+
+
+class SigmoidTopKRouter(nn.Module):
+    """Llama 4: the top k router logits, each weighed by its sigmoid (rounded to the input's dtype)."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, ids = torch.topk(F.linear(x, self.weight), self.top_k, dim=-1)
+        return torch.sigmoid(top.float()).to(x.dtype).float(), ids
+
+
 class ExpertsBase(nn.Module):
     """The math of a layer's routed experts; subclasses say where expert ``e``'s weights are.
 
     Expert ``e`` is ``gate_up`` ``[2I, H]`` (gate rows, then up rows) and
     ``down`` ``[H, I]``. Resident and offloaded experts run this same code on
     tensors of the same shape and layout, so their outputs are bit-identical.
+
+    Variants (all off by default, see :meth:`extras`): ``act`` replaces ``silu(gate) * up``
+    (gpt-oss: :func:`clamped_swiglu`); ``gate_up_proj_bias`` ``[E, 2I]`` / ``down_proj_bias``
+    ``[E, H]`` are added after each projection (gpt-oss); ``scale_input`` multiplies each
+    token's input by its routing weight instead of the expert's output (Llama 4).
     """
 
     num_experts: int
+    act = None  # None: silu(gate) * up; else a function (gate, up) -> hidden
+    scale_input = False
+
+    def plain(self) -> bool:
+        """Whether the math is the default SwiGLU with output weighting (what the native kernels compute)."""
+        return self.act is None and not self.scale_input and "gate_up_proj_bias" not in self._parameters
+
+    def adopt(self, other: "ExpertsBase") -> "ExpertsBase":
+        """Take ``other``'s variant settings and biases (offloading swaps the module, not the math)."""
+        self.act, self.scale_input = other.act, other.scale_input
+        for name in ("gate_up_proj_bias", "down_proj_bias"):
+            b = getattr(other, name, None)
+            if b is not None:
+                setattr(self, name, b if isinstance(b, nn.Parameter) else nn.Parameter(b, requires_grad=False))
+        return self
 
     def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -148,18 +207,28 @@ class ExpertsBase(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Run expert ``e`` on ``x`` ``[n, H]``."""
         gate_up, down = self.weights(e)
-        gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
-        return linear(F.silu(gate) * up, down)
+        if self.plain():
+            gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+            return linear(F.silu(gate) * up, down)
+        h = linear(x, gate_up)
+        gu_bias, down_bias = self._parameters.get("gate_up_proj_bias"), self._parameters.get("down_proj_bias")
+        if gu_bias is not None:
+            h = h + gu_bias[e]
+        gate, up = h.chunk(2, dim=-1)
+        y = linear(F.silu(gate) * up if self.act is None else self.act(gate, up), down)
+        return y if down_bias is None else y + down_bias[e]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[T, H]``, ids/weights ``[T, k]`` -> weighted sum of the chosen experts ``[T, H]``."""
         T, k = ids.shape
+        if self.scale_input:  # Llama 4: expert(w * x), summed unweighted
+            return self._forward_scaled(x, ids, weights)
         if T == 1:  # decode at batch 1: no gather, no scatter
             out = None
             chosen, ws = ids.tolist()[0], weights.tolist()[0]
             # python floats: the same float32 products as weights[0, j], without a select per expert
             pairs = [self.weights(e) for e in chosen]
-            if fused_ok(x, pairs):
+            if self.plain() and fused_ok(x, pairs):
                 return native.moe1(x, pairs, ws)
             for e, w in zip(chosen, ws):
                 y = self.expert(e, x).float() * w
@@ -180,17 +249,48 @@ class ExpertsBase(nn.Module):
         # weigh and sum each token's k outputs in float32 (no scatter-add, no order dependence)
         return (slots.view(T, k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
 
+    def _forward_scaled(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each chosen expert runs on its token's input times the routing weight (rounded to the
+        input's dtype first, as transformers' Llama 4 does); the k outputs are summed in float32."""
+        T, k = ids.shape
+        w = weights.to(x.dtype)
+        if T == 1:
+            out = None
+            for j, e in enumerate(ids.tolist()[0]):
+                y = self.expert(e, x * w[:, j : j + 1]).float()
+                out = y if out is None else out + y
+            return out.to(x.dtype)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[order // k] * w.reshape(-1)[order, None]
+        ys = torch.empty_like(xs)
+        pos = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[pos : pos + n] = self.expert(e, xs[pos : pos + n])
+                pos += n
+        slots = torch.empty_like(ys)
+        slots[order] = ys
+        return slots.view(T, k, -1).float().sum(dim=1).to(x.dtype)
+
 
 class Experts(ExpertsBase):
     """All routed experts of one layer, resident, stacked expert-major:
     ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]``."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int):
+    def __init__(self, num_experts: int, hidden: int, inter: int, bias: bool = False, act=None,
+                 scale_input: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.inter = inter
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        if bias:  # gpt-oss: gate_up bias in the same (gate, then up) order as the rows
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * inter))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden))
+        self.act = act
+        self.scale_input = scale_input
         self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see prepack() and quantize()
         self.quant_layout = None  # kernels.region.QuantExpertLayout of quantized experts
 

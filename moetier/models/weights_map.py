@@ -32,6 +32,18 @@ class WeightMap:
     renames: tuple[tuple[str, str], ...] = ()
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     keep_fp32: tuple[str, ...] = ()
+    # 3D experts stored [E, in, out] (gpt-oss, Llama 4); gate/up interleaved (gpt-oss): weights/views.py
+    experts_transposed: bool = False
+    gate_up_interleaved: bool = False
+
+    def open(self, reader):
+        """``reader`` as this family's tensors are read: wrapped in a weights.views.ExpertsView if their
+        experts are stored in another layout (or as MXFP4), else as is."""
+        if not (self.experts_transposed or self.gate_up_interleaved):
+            return reader
+        from ..weights.views import ExpertsView
+
+        return ExpertsView(reader, transposed=self.experts_transposed, interleaved=self.gate_up_interleaved)
 
     def keeps_fp32(self, name: str) -> bool:
         return name.endswith(self.keep_fp32)

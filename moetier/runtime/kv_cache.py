@@ -43,11 +43,13 @@ class KVPool:
         self._free.append(slot)
         self._free.sort(reverse=True)
 
-    def layer(self, layer: int, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The pool's buffers of ``layer`` (``[slots, heads, capacity, dim]`` per part), shaped like ``parts``."""
+    def layer(self, layer: int, parts: tuple[torch.Tensor, ...], capacity: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+        """The pool's buffers of ``layer`` (``[slots, heads, capacity, dim]`` per part), shaped like ``parts``;
+        ``capacity`` (a sliding-window layer's ring, :meth:`SeqKV.write_window`) overrides the pool's."""
         bufs = self.layers[layer]
         if bufs is None:
-            bufs = tuple(torch.zeros((self.slots, p.shape[0], self.capacity, p.shape[2]), dtype=self.dtype,
+            cap = self.capacity if capacity is None else int(capacity)
+            bufs = tuple(torch.zeros((self.slots, p.shape[0], cap, p.shape[2]), dtype=self.dtype,
                                      device=self.device) for p in parts)
             self.layers[layer] = bufs
         return bufs
@@ -89,6 +91,42 @@ class SeqKV:
             self._layers[layer] = bufs
             self._outgrown.add(layer)
         return bufs
+
+    def write_window(self, layer: int, start: int, window: int, *parts: torch.Tensor):
+        """A sliding-window layer's cache: a ring of ``window`` positions (position ``p`` in slot
+        ``p % window``), never more, however long the sequence.
+
+        Stores ``parts`` (each ``[heads, n, dim]``, positions ``start..start+n-1``) and returns
+        ``(views, first)``: the keys a query of this step can see. For one new token (decode) they are
+        the ring's filled slots as they lie (``first`` None: every one is inside the window, in ring
+        order); for several, the previous ``window - 1`` positions and the new ones in position order,
+        ``first`` being the position of the first."""
+        n = parts[0].shape[1]
+        bufs = self._layers[layer]
+        if bufs is None:
+            if self.pool is not None:
+                bufs = tuple(b[self.slot] for b in self.pool.layer(layer, parts, capacity=window))
+            else:
+                bufs = tuple(torch.zeros((p.shape[0], window, p.shape[2]), dtype=self.dtype, device=self.device)
+                             for p in parts)
+            self._layers[layer] = bufs
+        if n == 1:
+            for buf, part in zip(bufs, parts):
+                buf[:, start % window].copy_(part[:, 0])
+            return tuple(buf[:, : min(start + 1, window)] for buf in bufs), None
+        first = max(0, start - window + 1)
+        old = torch.arange(first, start, device=self.device) % window
+        views = tuple(torch.cat((buf[:, old], part), dim=1) for buf, part in zip(bufs, parts))
+        keep = min(n, window)  # only the last window positions stay
+        slots = torch.arange(start + n - keep, start + n, device=self.device) % window
+        for buf, part in zip(bufs, parts):
+            buf[:, slots] = part[:, n - keep :]
+        return views, first
+
+    def positions_held(self, layer: int) -> int:
+        """How many positions ``layer``'s buffers can hold (tests: a sliding-window layer holds its window)."""
+        bufs = self._layers[layer]
+        return 0 if bufs is None else bufs[0].shape[1]
 
     def _grow(self, old, parts, need: int):
         cap = self.capacity

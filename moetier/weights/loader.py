@@ -103,7 +103,7 @@ def load_model(
             state = ckpt.load_state(family.weights, expected, device, dtype, verify=checks_on_load(verify),
                                     quant=quant)
     else:
-        with SafetensorsReader(folder) as reader:
+        with family.weights.open(SafetensorsReader(folder)) as reader:
             dtype = parse_dtype(dtype) or checkpoint_dtype(raw, reader)
             state = _collect(reader, family, args, expected, device, dtype)
     missing = [n for n in expected if n not in state and n not in quant and n.rsplit(".", 1)[0] not in quant]

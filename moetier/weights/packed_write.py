@@ -241,7 +241,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise MoetierError(f"{dst}: exists and is not empty; pass --force to replace it")
     family, args, raw = load_args(src)
-    with SafetensorsReader(src) as reader:
+    with family.weights.open(SafetensorsReader(src)) as reader:
         source_dtype = checkpoint_dtype(raw, reader)
         target = parse_dtype(dtype) or source_dtype
         with torch.device("meta"):
