@@ -149,6 +149,13 @@ FAMILY_CONFIGS = {
                         num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
                         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
                         qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1),
+    # sliding layers 0 and 2 (window 4: offloading and throughput runs outgrow it), clamps that bite
+    "gpt_oss": dict(_COMMON, head_dim=16, intermediate_size=32, num_hidden_layers=3, num_local_experts=6,
+                    num_experts_per_tok=2, sliding_window=4, swiglu_limit=1.0),
+    # layers 1 and 3 MoE, 3 NoPE (full attention, temperature tuned from position 3), 0-2 chunks of 4
+    "llama4_text": dict(_COMMON, head_dim=16, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4,
+                        num_local_experts=6, num_experts_per_tok=2, interleave_moe_layer_step=2,
+                        attention_chunk_size=4, floor_scale=3, attn_scale=0.5),
 }
 
 
