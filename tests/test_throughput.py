@@ -87,7 +87,7 @@ def _with_common_eos(llm, texts):
     llm.engine.eos = {1, full[3]}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "llama4_text"])
 def test_same_tokens_as_latency_runner(family, tmp_path_factory):
     llm = _llm(_checkpoint(tmp_path_factory, family))
     _with_common_eos(llm, TEXTS)
