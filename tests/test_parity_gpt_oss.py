@@ -18,8 +18,8 @@ from moetier import LLM, SamplingParams
 from moetier.runtime.batch import ForwardBatch
 from moetier.runtime.kv_cache import KVPool, SeqKV
 from moetier.weights.loader import load_args, load_model
-from tiny import FAMILY_CONFIGS, assert_logits_close, make_checkpoint, moetier_logits, reference_greedy, \
-    reference_logits
+from tiny import FAMILY_CONFIGS, assert_logits_close, chunked_prefill_logits, llm_greedy, make_checkpoint, \
+    moetier_logits, reference_greedy, reference_logits
 
 WINDOW = 4
 CONFIG = dict(FAMILY_CONFIGS["gpt_oss"], num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=3,
@@ -69,29 +69,17 @@ def test_decode_through_kv_cache_matches(case):
 
 def test_chunked_prefill_matches(hub):
     """Chunks that start mid-window and past it, and one longer than the window."""
-    model = hub["model"]
-    kv = SeqKV(len(model.model.layers), 4, "cpu", torch.float32)
-    rows = []
-    for a, b in ((0, 3), (3, 9), (9, 10), (10, 12)):
-        batch = ForwardBatch.build([kv], [b - a], "cpu")
-        rows.append(model(torch.tensor(IDS[a:b]), batch, logits_rows=torch.arange(b - a)))
-        batch.commit()
-    assert_logits_close(torch.cat(rows), hub["ref"])
+    assert_logits_close(chunked_prefill_logits(hub["model"], IDS, [0, 3, 9, 10, 12]), hub["ref"])
 
 
 def test_greedy_continuation_identical(hub):
-    llm = LLM(hub["path"], dtype="float32")
-    out = llm.generate([{"prompt_token_ids": IDS}], SamplingParams(max_tokens=GREEDY, temperature=0, ignore_eos=True),
-                       use_tqdm=False)
-    assert out[0].outputs[0].token_ids == reference_greedy(hub["path"], IDS, GREEDY)
+    assert llm_greedy(hub["path"], [IDS], GREEDY) == [reference_greedy(hub["path"], IDS, GREEDY)]
 
 
 def test_batched_greedy_identical(hub):
-    llm = LLM(hub["path"], dtype="float32")
-    params = SamplingParams(max_tokens=GREEDY, temperature=0, ignore_eos=True)
-    out = llm.generate([{"prompt_token_ids": IDS}, {"prompt_token_ids": IDS2}], params, use_tqdm=False)
-    assert out[0].outputs[0].token_ids == reference_greedy(hub["path"], IDS, GREEDY)
-    assert out[1].outputs[0].token_ids == reference_greedy(hub["path"], IDS2, GREEDY)
+    """Two prompts of different lengths decoded together."""
+    want = [reference_greedy(hub["path"], p, GREEDY) for p in (IDS, IDS2)]
+    assert llm_greedy(hub["path"], [IDS, IDS2], GREEDY) == want
 
 
 def test_bfloat16_close_to_float32(hub):

@@ -12,13 +12,10 @@ import json
 import pytest
 import torch
 
-from moetier import LLM, SamplingParams
 from moetier.models.moe import SparseMoeBlock
-from moetier.runtime.batch import ForwardBatch
-from moetier.runtime.kv_cache import SeqKV
 from moetier.weights.loader import load_args, load_model
-from tiny import FAMILY_CONFIGS, assert_logits_close, make_checkpoint, moetier_logits, reference_greedy, \
-    reference_logits
+from tiny import FAMILY_CONFIGS, assert_logits_close, chunked_prefill_logits, llm_greedy, make_checkpoint, \
+    moetier_logits, reference_greedy, reference_logits
 
 BASE = FAMILY_CONFIGS["llama4_text"]
 CONFIGS = {
@@ -73,29 +70,17 @@ def test_decode_through_kv_cache_matches(case):
 
 def test_chunked_prefill_matches(case):
     """Prompt chunks that start inside an attention chunk and cross its boundaries."""
-    model = case["model"]
-    kv = SeqKV(len(model.model.layers), 4, "cpu", torch.float32)
-    rows = []
-    for a, b in ((0, 3), (3, 9), (9, 10), (10, 12)):
-        batch = ForwardBatch.build([kv], [b - a], "cpu")
-        rows.append(model(torch.tensor(IDS[a:b]), batch, logits_rows=torch.arange(b - a)))
-        batch.commit()
-    assert_logits_close(torch.cat(rows), case["ref"])
+    assert_logits_close(chunked_prefill_logits(case["model"], IDS, [0, 3, 9, 10, 12]), case["ref"])
 
 
 def test_greedy_continuation_identical(case):
-    llm = LLM(case["path"], dtype="float32")
-    out = llm.generate([{"prompt_token_ids": IDS}], SamplingParams(max_tokens=GREEDY, temperature=0, ignore_eos=True),
-                       use_tqdm=False)
-    assert out[0].outputs[0].token_ids == reference_greedy(case["path"], IDS, GREEDY)
+    assert llm_greedy(case["path"], [IDS], GREEDY) == [reference_greedy(case["path"], IDS, GREEDY)]
 
 
 def test_batched_greedy_identical(case):
-    llm = LLM(case["path"], dtype="float32")
-    params = SamplingParams(max_tokens=GREEDY, temperature=0, ignore_eos=True)
-    out = llm.generate([{"prompt_token_ids": IDS}, {"prompt_token_ids": IDS2}], params, use_tqdm=False)
-    assert out[0].outputs[0].token_ids == reference_greedy(case["path"], IDS, GREEDY)
-    assert out[1].outputs[0].token_ids == reference_greedy(case["path"], IDS2, GREEDY)
+    """Two prompts of different lengths decoded together."""
+    want = [reference_greedy(case["path"], p, GREEDY) for p in (IDS, IDS2)]
+    assert llm_greedy(case["path"], [IDS, IDS2], GREEDY) == want
 
 
 def test_bfloat16_close_to_transformers_bfloat16(case):

@@ -98,6 +98,28 @@ def moetier_logits(model, ids: list[int], split: int | None = None) -> torch.Ten
     return torch.cat(rows).cpu()
 
 
+def chunked_prefill_logits(model, ids: list[int], cuts: list[int]) -> torch.Tensor:
+    """moetier's logits for every position, ``ids`` fed as the chunks between consecutive ``cuts``
+    (starting at 0, ending at ``len(ids)``) through one KV cache that starts small."""
+    kv = SeqKV(len(model.model.layers), 4, "cpu", torch.float32)
+    rows = []
+    for a, b in zip(cuts, cuts[1:]):
+        batch = ForwardBatch.build([kv], [b - a], "cpu")
+        rows.append(model(torch.tensor(ids[a:b]), batch, logits_rows=torch.arange(b - a)))
+        batch.commit()
+    return torch.cat(rows)
+
+
+def llm_greedy(folder: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """moetier's greedy continuations (``n`` tokens, EOS ignored) of ``prompts`` decoded together."""
+    from moetier import LLM, SamplingParams
+
+    llm = LLM(folder, dtype="float32")
+    out = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                       SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in out]
+
+
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
     """Max abs difference within ``rel`` x the reference's largest logit."""
     scale = ref.abs().max().item()

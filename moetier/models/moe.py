@@ -234,10 +234,19 @@ class ExpertsBase(nn.Module):
                 y = self.expert(e, x).float() * w
                 out = y if out is None else out + y
             return out.to(x.dtype)
+        # weigh and sum each token's k outputs in float32 (no scatter-add, no order dependence)
+        return (self._slots(x, ids) * weights[..., None]).sum(dim=1).to(x.dtype)
+
+    def _slots(self, x: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token-slot's expert output ``[T, k, H]``, the experts run on their rows grouped;
+        ``scale`` ``[T, k]`` multiplies each slot's input first."""
+        T, k = ids.shape
         flat = ids.reshape(-1)  # [T*k] token-slots, token-major
         order = torch.argsort(flat, stable=True)  # token-slots grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x[order // k]  # [T*k, H] inputs in expert order
+        if scale is not None:
+            xs = xs * scale.reshape(-1)[order, None]
         ys = torch.empty_like(xs)
         pos = 0
         for e, n in enumerate(counts):
@@ -246,8 +255,7 @@ class ExpertsBase(nn.Module):
                 pos += n
         slots = torch.empty_like(ys)
         slots[order] = ys  # back to token-major: [T*k, H]
-        # weigh and sum each token's k outputs in float32 (no scatter-add, no order dependence)
-        return (slots.view(T, k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
+        return slots.view(T, k, -1)
 
     def _forward_scaled(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each chosen expert runs on its token's input times the routing weight (rounded to the
@@ -260,19 +268,7 @@ class ExpertsBase(nn.Module):
                 y = self.expert(e, x * w[:, j : j + 1]).float()
                 out = y if out is None else out + y
             return out.to(x.dtype)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x[order // k] * w.reshape(-1)[order, None]
-        ys = torch.empty_like(xs)
-        pos = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[pos : pos + n] = self.expert(e, xs[pos : pos + n])
-                pos += n
-        slots = torch.empty_like(ys)
-        slots[order] = ys
-        return slots.view(T, k, -1).float().sum(dim=1).to(x.dtype)
+        return self._slots(x, ids, w).float().sum(dim=1).to(x.dtype)
 
 
 class Experts(ExpertsBase):
