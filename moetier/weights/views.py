@@ -7,7 +7,7 @@ moetier's routed experts are ``gate_up_proj`` ``[E, 2I, H]`` (gate rows, then up
 ``*_blocks`` ``[E, rows, cols/32, 16]`` uint8 (two 4-bit e2m1 codes a byte, the low nibble first) and
 ``*_scales`` ``[E, rows, cols/32]`` uint8 (a power of two, biased by 127, per 32 values), rows and
 columns as moetier's. :class:`ExpertsView` wraps a :class:`SafetensorsReader` and serves those
-tensors already converted (MXFP4 dequantized, exactly, to float32), under the names and shapes the
+tensors already converted (MXFP4 dequantized, exactly, to bfloat16), under the names and shapes the
 model takes, so the loader and ``moetier convert`` read them like any other tensor.
 """
 
@@ -26,13 +26,20 @@ _FUSED = (".experts.gate_up_proj", ".experts.down_proj")
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``blocks`` ``[..., G, 16]`` uint8 and ``scales`` ``[..., G]`` uint8 -> ``[..., G * 32]`` float32 (exact)."""
+    """``blocks`` ``[..., G, 16]`` uint8 and ``scales`` ``[..., G]`` uint8 -> ``[..., G * 32]`` bfloat16, exactly
+    (an e2m1 value times a power of two has at most two significant bits). A stack of experts is
+    converted one expert at a time, so the temporaries stay a few times one expert's codes."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise CheckpointError(f"MXFP4 blocks {list(blocks.shape)} ({blocks.dtype}) and scales {list(scales.shape)} "
                               f"({scales.dtype}) do not match (want uint8 [..., G, 16] and [..., G])")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    if blocks.dim() > 3:
+        out = torch.empty(*blocks.shape[:-2], blocks.shape[-2] * 32, dtype=torch.bfloat16)
+        for i in range(blocks.shape[0]):
+            out[i] = dequantize_mxfp4(blocks[i], scales[i])
+        return out
+    lut = torch.tensor(FP4_VALUES, dtype=torch.bfloat16)
     vals = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # [..., G, 16, 2]
-    vals = vals.flatten(-2) * torch.exp2(scales.float() - 127.0)[..., None]  # [..., G, 32]
+    vals = vals.flatten(-2) * torch.exp2(scales.float() - 127.0).to(torch.bfloat16)[..., None]  # [..., G, 32]
     return vals.flatten(-2)
 
 
@@ -85,7 +92,7 @@ class ExpertsView:
         return tuple(shape)
 
     def dtype(self, name: str) -> str:
-        return "F32" if name in self._mxfp4 else self.reader.dtype(name)
+        return "BF16" if name in self._mxfp4 else self.reader.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
         return self.read(name)
