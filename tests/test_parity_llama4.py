@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from moetier.models.moe import SparseMoeBlock
+from moetier.runtime.batch import ForwardBatch
+from moetier.runtime.kv_cache import SeqKV
 from moetier.weights.loader import load_args, load_model
 from tiny import FAMILY_CONFIGS, assert_logits_close, chunked_prefill_logits, llm_greedy, make_checkpoint, \
     moetier_logits, reference_greedy, reference_logits
@@ -81,6 +83,21 @@ def test_batched_greedy_identical(case):
     """Two prompts of different lengths decoded together."""
     want = [reference_greedy(case["path"], p, GREEDY) for p in (IDS, IDS2)]
     assert llm_greedy(case["path"], [IDS, IDS2], GREEDY) == want
+
+
+def test_chunked_layers_hold_one_chunk(case):
+    """After 23 tokens each chunked layer's cache holds one chunk (4 positions); full ones all 23."""
+    model = case["model"]
+    n = len(model.model.layers)
+    kv = SeqKV(n, 8, "cpu", torch.float32)
+    ids = (IDS + IDS2 + IDS)[:23]
+    for chunk in (ids[:6], *([t] for t in ids[6:])):
+        batch = ForwardBatch.build([kv], [len(chunk)], "cpu")
+        model(torch.tensor(chunk), batch)
+        batch.commit()
+    chunked = [layer.self_attn.chunk is not None for layer in model.model.layers]
+    assert any(chunked) and not all(chunked)
+    assert [kv.positions_held(i) for i in range(n)] == [4 if c else 32 for c in chunked]
 
 
 def test_bfloat16_close_to_transformers_bfloat16(case):

@@ -4,7 +4,8 @@
   the probability mass, attending to nothing.
 * ``window`` with a bounded cache (gpt-oss's sliding layers): the layer's keys and values live in a
   ring of ``window`` positions (:meth:`SeqKV.write_window`), so a sequence's SWA layers never hold more.
-* ``chunk`` (Llama 4's ``attention_chunk_size``): a query sees the keys of its own chunk only.
+* ``chunk`` (Llama 4's ``attention_chunk_size``): a query sees the keys of its own chunk only, and the
+  layer's cache is a ring of one chunk (:meth:`SeqKV.write_chunked`).
 * ``rope=False`` (Llama 4's NoPE layers), optionally with attention temperature tuning: queries scaled
   by ``1 + attn_scale * log1p(floor((pos + 1) / floor_scale))``.
 * ``l2_qk_norm`` (Llama 4's RoPE layers): q and k RMS-normalised per head, without a weight, after rotary.
@@ -114,6 +115,8 @@ class ExtAttention(Attention):
             kk, vv = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)  # [hk, n, d]
             if self.ring:
                 (kk, vv), first = cache.write_window(self.layer, start, self.ring, kk, vv)
+            elif self.chunk:
+                (kk, vv), first = cache.write_chunked(self.layer, start, self.chunk, kk, vv)
             else:
                 kk, vv = cache.write(self.layer, start, kk, vv)
                 first = 0

@@ -102,14 +102,7 @@ class SeqKV:
         order); for several, the previous ``window - 1`` positions and the new ones in position order,
         ``first`` being the position of the first."""
         n = parts[0].shape[1]
-        bufs = self._layers[layer]
-        if bufs is None:
-            if self.pool is not None:
-                bufs = tuple(b[self.slot] for b in self.pool.layer(layer, parts, capacity=window))
-            else:
-                bufs = tuple(torch.zeros((p.shape[0], window, p.shape[2]), dtype=self.dtype, device=self.device)
-                             for p in parts)
-            self._layers[layer] = bufs
+        bufs = self._ring(layer, window, parts)
         if n == 1:
             for buf, part in zip(bufs, parts):
                 buf[:, start % window].copy_(part[:, 0])
@@ -122,6 +115,37 @@ class SeqKV:
         for buf, part in zip(bufs, parts):
             buf[:, slots] = part[:, n - keep :]
         return views, first
+
+    def write_chunked(self, layer: int, start: int, chunk: int, *parts: torch.Tensor):
+        """A chunked-attention layer's cache (Llama 4): a ring of ``chunk`` positions, position ``p`` in
+        slot ``p % chunk``, since a query sees only the keys of its own chunk. Stores ``parts`` (positions
+        ``start..start+n-1``) and returns ``(views, first)``: the current chunk's earlier keys and the new
+        ones, in position order, ``first`` being the position of the first."""
+        n = parts[0].shape[1]
+        bufs = self._ring(layer, chunk, parts)
+        first, have = (start // chunk) * chunk, start % chunk
+        if n == 1:
+            for buf, part in zip(bufs, parts):
+                buf[:, have].copy_(part[:, 0])
+            return tuple(buf[:, : have + 1] for buf in bufs), first
+        views = tuple(torch.cat((buf[:, :have], part), dim=1) for buf, part in zip(bufs, parts))
+        keep = min(n, chunk)
+        slots = torch.arange(start + n - keep, start + n, device=self.device) % chunk
+        for buf, part in zip(bufs, parts):
+            buf[:, slots] = part[:, n - keep :]
+        return views, first
+
+    def _ring(self, layer: int, size: int, parts) -> tuple[torch.Tensor, ...]:
+        """``layer``'s ring buffers of ``size`` positions (each ``[heads, size, dim]``), made on first use."""
+        bufs = self._layers[layer]
+        if bufs is None:
+            if self.pool is not None:
+                bufs = tuple(b[self.slot] for b in self.pool.layer(layer, parts, capacity=size))
+            else:
+                bufs = tuple(torch.zeros((p.shape[0], size, p.shape[2]), dtype=self.dtype, device=self.device)
+                             for p in parts)
+            self._layers[layer] = bufs
+        return bufs
 
     def positions_held(self, layer: int) -> int:
         """How many positions ``layer``'s buffers can hold (tests: a sliding-window layer holds its window)."""
