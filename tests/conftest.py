@@ -11,3 +11,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A ``moetier serve --model demo`` process of the module's own (tests/live_server.py)."""
+    from live_server import LiveServer
+
+    srv = LiveServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The ``openai`` client on :func:`server`."""
+    from live_server import openai_client
+
+    return openai_client(server)

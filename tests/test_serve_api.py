@@ -12,7 +12,7 @@ import sys
 import jsonschema
 import openai
 import pytest
-from live_server import KEY, LiveServer, raw_call
+from live_server import raw_call
 
 from moetier import LLM, SamplingParams
 
@@ -33,18 +33,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
                                      "unit": {"enum": ["celsius", "fahrenheit"]}},
     "required": ["city", "unit"], "additionalProperties": False}}}
 HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = LiveServer()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
