@@ -1,4 +1,4 @@
-"""Command line: ``moetier generate | ...``. The only module that reads the environment."""
+"""Command line: ``moetier generate | chat | ...``. The only module that reads the environment."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from . import cascade_cli, cli_batch, cli_bench, cli_serve
+from . import cascade_cli, cli_batch, cli_bench, cli_chat, cli_serve
 from .cli_args import add_model_args, add_sampling_args, open_llm, print_stats, sampling_params
 from .errors import MoetierError
 
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="treat --prompt as a user message and apply the chat template")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+    cli_chat.add_parser(sub)  # moetier/cli_chat.py
 
     p = sub.add_parser("eval", help="score a model by exact match on a JSONL task",
                        description="Greedily complete each task prompt and count the completions that, "
