@@ -90,6 +90,8 @@ def parse_line(text: str, line: int) -> BatchRequest:
         raise BadRequest("invalid_body", f"line {line}: stream is not available in a batch", cid)
     if kind == "chat" and body.get("tools"):
         raise BadRequest("invalid_body", f"line {line}: tools are served by moetier serve, not in a batch", cid)
+    if kind == "completion" and body.get("echo"):
+        raise BadRequest("invalid_body", f"line {line}: echo is served by moetier serve, not in a batch", cid)
     try:
         _check_prompt_shape(body, kind)
         params = sampling_params(body, kind)

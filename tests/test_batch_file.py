@@ -81,6 +81,7 @@ def test_parse_maps_openai_fields():
     (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": "x"}), "invalid_body"),
     (_line("a", prompt="x", temperature="hot"), "invalid_body"),
     (_line("a", prompt="x", max_tokens=0), "invalid_body"),
+    (_line("a", prompt="x", max_tokens=0, echo=True), "invalid_body"),  # not silently ignored
     (_line("a", prompt=""), "invalid_body"),
     (_line("a", prompt=[[]]), "invalid_body"),
     (_line("a", prompt=["x", 5]), "invalid_body"),

@@ -93,6 +93,7 @@ def test_auto_calls_stream_as_the_body_parses_them(text):
     content, calls = _collect(deltas)
     msg = message(tp, text)
     assert content == (msg["content"] or "")
+    assert cs.called == bool(msg.get("tool_calls"))  # finish_reason "tool_calls" only for calls that parse
     assert [(c["name"], c["arguments"]) for c in calls.values()] == \
         [(c["function"]["name"], c["function"]["arguments"]) for c in msg.get("tool_calls", [])]
     if text == HERMES:

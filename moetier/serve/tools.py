@@ -287,14 +287,14 @@ class CallStream:
         self.text = ""
         self.content = ""  # content sent
         self.sent: list[list] = []  # per call: [id, arguments text sent]
-
-    @property
-    def called(self) -> bool:
-        return bool(self.sent)
+        self.called = False  # once final: the reply has calls (its finish_reason is "tool_calls")
 
     def feed(self, delta: str, final: bool = False) -> list[dict]:
+        """The deltas that ``delta`` (the reply's next text) completes; ``final``: the reply's end."""
         self.text += delta
         content, calls = scan(self.tp, self.text, final)
+        if final:
+            self.called = bool(calls)
         out: list[dict] = []
         if content and content.startswith(self.content) and len(content) > len(self.content):
             out.append({"content": content[len(self.content):]})
