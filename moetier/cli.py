@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "  moetier convert MODEL.gguf OUT_DIR [--tokenizer HF_DIR|none]   import a GGUF file: Q8_0 /\n"
                     "                 Q4_0 / Q4_1 blocks carried over as int8 / int4, F16/BF16/F32 as they are,\n"
                     "                 other types (Q4_K, Q6_K, MXFP4, ...) re-quantized to int4 / int8 (logged);\n"
-                    "                 --quant / --quant-dense re-quantize what is not of that kind"
+                    "                 --quant / --quant-dense re-quantize what is not of that kind\n"
                     "  moetier convert --verify OUT_DIR   re-read every region and check its checksum\n"
                     "                                     (exit 1 and name the file and tensor if any is bad)")
     p.add_argument("hf_dir", metavar="HF_DIR", help="the source checkpoint folder (with --verify: the packed folder)")
