@@ -54,6 +54,7 @@ class CausalLM(nn.Module):
         self.args = args
         self.model = DecoderModel(args, [make_layer(i) for i in range(args.num_hidden_layers)])
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.fused_token = None  # models/fused.py: one decode token of one sequence through all layers at once
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -70,8 +71,11 @@ class CausalLM(nn.Module):
         rows after the final norm: the caller runs the LM head on them in chunks (prompt logprobs).
         """
         x = self.model.embed_tokens(input_ids)  # [T, H]
-        for layer in self.model.layers:
-            x = layer(x, batch)
+        if self.fused_token is not None and x.shape[0] == 1 and len(batch.lengths) == 1 and x.dtype == torch.bfloat16:
+            x = self.fused_token(x, batch)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, batch)
         if logits_rows is None:
             logits_rows = batch.last_token_indices()
         logits = self.lm_head(self.model.norm(x[logits_rows.to(x.device)])).float()
