@@ -92,15 +92,19 @@ def _set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def llm_options(args) -> dict:
+    """The model arguments as LLM's keyword arguments."""
+    return dict(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                device_memory=args.device_memory, host_memory=args.host_memory, offload_dir=args.offload_dir,
+                cache_policy=args.cache_policy, prefetch=args.prefetch, verify=args.verify,
+                quantization=args.quantization, quant_group_size=args.quant_group_size, quant_dense=args.quant_dense)
+
+
 def _llm(args, **override):
     from .llm import LLM
 
     _set_threads(args)
-    kw = dict(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              device_memory=args.device_memory, host_memory=args.host_memory, offload_dir=args.offload_dir,
-              cache_policy=args.cache_policy, prefetch=args.prefetch, verify=args.verify,
-              quantization=args.quantization, quant_group_size=args.quant_group_size, quant_dense=args.quant_dense)
-    return LLM(**{**kw, **override})
+    return LLM(**{**llm_options(args), **override})
 
 
 def _print_stats(llm, args) -> None:
@@ -246,6 +250,10 @@ def cmd_batch(args) -> int:
         raise FileNotFoundError(f"{args.input}: no such input file")
     if args.cascade is None and args.model is None:
         raise MoetierError("moetier batch needs --model (or --cascade)")
+    if args.ray is not None:  # on a Ray cluster (moetier/cluster)
+        from .cluster.cli import cmd_batch_ray
+
+        return cmd_batch_ray(args, llm_options(args))
     if args.cascade is not None:
         from .cascade_cli import open_cascade
 
@@ -552,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--retry-errors", action="store_true",
                    help="run again the lines whose last result in --output was an error")
+    from .cluster.cli import add_batch_args
+
+    add_batch_args(p)
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser(
