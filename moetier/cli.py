@@ -354,6 +354,10 @@ def cmd_serve(args) -> int:
     cascades = serve_cascades(args.cascade or [], models)  # adds the cascades' models to models
     if not models:
         raise MoetierError("moetier serve needs a --model (or a --cascade)")
+    if args.ray is not None:  # on Ray Serve (moetier/cluster)
+        from .cluster.cli import cmd_serve_ray
+
+        return cmd_serve_ray(args, models, cascades, llm_options(args))
     total = args.device_memory or (args.host_memory if args.device == "cpu" else None)
     budget = resolve_budget(total, args.device)
 
@@ -640,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
                    help="unload a model this long after its last request (default: keep it loaded; a "
                         "request's own keep_alive field overrides this)")
+    from .cluster.cli import add_serve_args
+
+    add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
     _add_bench_parser(sub)

@@ -46,3 +46,24 @@ def cmd_batch_ray(args, options: dict) -> int:
           f"{summary['retries']} requests retried", file=sys.stderr)
     print(json.dumps(summary))
     return 0
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray cluster", "Serve on Ray Serve instead: one deployment per model "
+                             "(MoetierModel-ID), its replicas each holding the model, scaled on ongoing "
+                             "requests; the HTTP proxy on --host:--port of the head node.")
+    _add_ray_arg(g)
+    g.add_argument("--replicas", action="append", default=None, metavar="[ID=]MIN:MAX",
+                   help="replicas of model ID (no ID: of every model), e.g. 0:2 (none until the first request, "
+                        "at most 2); repeatable (default: 1:1)")
+
+
+def cmd_serve_ray(args, models: dict, cascades: dict, options: dict) -> int:
+    from .serve import parse_scales, run
+
+    if cascades:
+        raise MoetierError("--ray serves --model deployments; --cascade runs on this machine only")
+    scales = parse_scales(args.replicas or [], models)
+    run(models, options, scales, address=args.ray, host=args.host, port=args.port, threads=args.threads,
+        api_key=args.api_key, max_requests=args.max_requests)
+    return 0
