@@ -76,6 +76,7 @@ class _Job:
         self.retries = 0
         self.stop = False
         self.starting = 0  # first replicas not yet loaded: work is handed out once all are (or failed)
+        self.ready_at: Optional[float] = None  # when they were
 
     def take(self) -> Optional[list[BatchRequest]]:
         """The next chunk, waiting while others run (theirs may come back); None once all is done."""
@@ -108,6 +109,8 @@ class _Job:
     def started(self) -> None:
         with self.cond:
             self.starting -= 1
+            if self.starting == 0:
+                self.ready_at = time.perf_counter()
             self.cond.notify_all()
 
     def finished(self) -> None:
@@ -272,8 +275,11 @@ def _run(ray, job_in, input_path, output_path, llm_options, model, replicas, thr
         if bar is not None:
             bar.close()
         writer.close()
-    seconds = time.perf_counter() - t0
+    end = time.perf_counter()
+    seconds = end - t0
     tokens = sum(s.tokens for s in slots)
+    if job.ready_at is not None:  # the replicas' start (model loads) and the run after it
+        summary.update(ready_s=round(job.ready_at - t0, 3), run_s=round(end - job.ready_at, 3))
     summary.update(seconds=round(seconds, 3), written=writer.written, completion_tokens=tokens,
                    tok_s=round(tokens / seconds, 2) if seconds > 0 else 0.0, retries=job.retries,
                    replicas_lost=sum(s.lost for s in slots), replicas=[s.as_dict() for s in slots])
