@@ -20,8 +20,8 @@ Policies, for a model with no replica free:
 Without room anywhere a request waits for room (counted in its startup latency). Arrivals are
 Poisson per model (model popularity Zipf) or bursty (each model switches between on and off
 periods, the same mean rate). Output: JSON, one object per (arrivals, policy) with startup latency
-p50 / p99 / mean over requests (0 for a request that found a replica with room), cold starts by
-tier, migrations; ``--plot FILE`` draws p50 / p99 per policy.
+p50 / p99 / mean over requests (0 for a request that found a replica with room) and over those
+that waited, cold starts by tier, migrations; ``--plot FILE`` draws p50 / p99 per policy.
 
   python bench/cluster_sim.py --cache-gbps 6 --disk-gbps 1.5 --network-gbps 1.25 --plot sim.png
 
@@ -325,9 +325,13 @@ def main(argv=None) -> int:
             sim = Sim(fleet, sizes, policy, a.seed)
             sim.run(arr)
             lat = sim.latency
+            cold = [x for x in lat if x > 0]
             results.append({"arrivals": kind, "policy": policy, "requests": len(lat),
                             "startup_p50_s": round(pct(lat, 0.5), 2), "startup_p99_s": round(pct(lat, 0.99), 2),
                             "startup_mean_s": round(statistics.fmean(lat), 2) if lat else 0.0,
+                            # the requests that waited for a load (or for room) at all
+                            "waited": len(cold), "waited_p50_s": round(pct(cold, 0.5), 2),
+                            "waited_p99_s": round(pct(cold, 0.99), 2),
                             "cold_starts": dict(sim.cold), "migrations": sim.migrations})
     out = {"fleet": fleet.__dict__, "model_gb": sizes, "rate_rps": a.rate, "hours": a.hours, "results": results}
     print(json.dumps(out, indent=1))

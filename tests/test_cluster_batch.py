@@ -13,6 +13,8 @@ from moetier.cli import main
 from moetier.cluster.batch import run_batch_ray
 from moetier.errors import MoetierError
 from moetier.llm import LLM
+from procs import titled
+from test_batch_file import _answers as answers_of, _read
 from tiny import FAMILY_CONFIGS, add_char_tokenizer, fixed_machine_profile, make_checkpoint
 
 PROFILE = fixed_machine_profile()
@@ -43,17 +45,9 @@ def _requests(n):
     return out
 
 
-def _read(path):
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 def _answers(entries):
-    out = {}
-    for e in entries:
-        assert e["response"] is not None, e
-        body = e["response"]["body"]
-        out[e["custom_id"]] = [c.get("text", c.get("message", {}).get("content")) for c in body["choices"]]
-    return out
+    assert all(e["response"] is not None for e in entries), entries
+    return answers_of(entries)
 
 
 @pytest.fixture(scope="module")
@@ -95,32 +89,6 @@ def test_two_replicas_one_per_node_give_the_local_answers(ray_cluster, folder, j
     assert again["already_done"] == 12 and again["written"] == 0 and len(_read(out)) == 12
 
 
-def _replica_pids():
-    """Processes titled ray::MoetierReplica (as ps shows them) under this test process."""
-    me, found = os.getpid(), []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0]
-        except OSError:
-            continue
-        if title.startswith(b"ray::MoetierReplica") and _descends_from(int(pid), me):
-            found.append(int(pid))
-    return found
-
-
-def _descends_from(pid, ancestor):
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
-
-
 def test_a_replica_killed_mid_job_still_answers_every_request_once(ray_cluster, folder, job, tmp_path):
     inp, want = job
     out = tmp_path / "out.jsonl"
@@ -128,7 +96,7 @@ def test_a_replica_killed_mid_job_still_answers_every_request_once(ray_cluster, 
 
     def kill_the_first_answerer(entry, replica):
         if not killed:
-            assert replica["pid"] in _replica_pids()  # ps names it
+            assert replica["pid"] in titled(b"ray::MoetierReplica")  # ps names it
             os.kill(replica["pid"], signal.SIGKILL)
             killed.append(replica["name"])
 

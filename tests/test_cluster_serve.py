@@ -15,7 +15,7 @@ from moetier.cluster.serve import Scale, parse_scales, run
 from moetier.errors import MoetierError
 from tiny import FAMILY_CONFIGS, add_char_tokenizer, make_checkpoint
 
-from test_cluster_batch import _descends_from
+from procs import titled
 
 
 @pytest.fixture(scope="module")
@@ -92,21 +92,8 @@ def test_routes_two_models_and_scales_one_from_zero(app, folders):
         assert text == got["a"]
 
 
-def _replica_pid(model):
-    me = os.getpid()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0]
-        except OSError:
-            continue
-        if b"MoetierModel-" + model.encode() in title and _descends_from(int(pid), me):
-            return int(pid)
-    raise AssertionError(f"no replica process of {model}")
-
-
 def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error(app):
-    pid = _replica_pid("a")
+    [pid] = titled(b"MoetierModel-a")  # Ray titles it ray::ServeReplica:APP:MoetierModel-a
     events = []
     with requests.Session() as c:
         with c.post(f"{app}/v1/completions", json={"model": "a", "prompt": "abc", "max_tokens": 250,
