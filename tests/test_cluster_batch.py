@@ -126,3 +126,12 @@ def test_no_replica_can_start_fails_cleanly_and_a_rerun_resumes(ray_cluster, fol
     entries = _read(out)
     assert _answers(entries) == want
     assert main(args + ["--replicas", "0"]) == 1
+
+
+def test_importing_moetier_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, moetier, moetier.cli, moetier.batch_file; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
