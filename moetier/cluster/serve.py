@@ -213,8 +213,8 @@ def run(models: dict[str, str], llm_options: dict, scales: dict[str, Scale], add
     ``blocking``, serve until interrupted, then delete it. Returns the router's handle otherwise."""
     from .connect import connect, import_ray
 
-    connect(address)
-    import_ray()
+    owned = connect(address)
+    ray = import_ray()
     from ray import serve
 
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
@@ -223,6 +223,12 @@ def run(models: dict[str, str], llm_options: dict, scales: dict[str, Scale], add
     if not blocking:
         return handle
     print(f"moetier: serving {', '.join(models)} on Ray Serve at http://{host}:{port}/v1", flush=True)
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # SIGTERM as Ctrl-C: the app is deleted, a local cluster stopped
     try:
         while True:
             time.sleep(3600)
@@ -230,4 +236,6 @@ def run(models: dict[str, str], llm_options: dict, scales: dict[str, Scale], add
         pass
     finally:
         serve.delete(name)
+        if owned:
+            ray.shutdown()
     return None
