@@ -79,7 +79,8 @@ def main() -> int:
     print(json.dumps({"summary": med, "requests": a.requests, "max_tokens": a.max_tokens, "cpus": os.cpu_count(),
                       "ray_1_over_local_job": round(one["job_s"] / med["local"]["job_s"], 3),
                       "ray_1_over_local_wall": round(one["wall_s"] / med["local"]["wall_s"], 3),
-                      f"ray_2x{half}_over_1x{a.threads}_tok_s": round(med[f"ray_2x{half}"]["tok_s"] / one["tok_s"], 3)}))
+                      f"ray_2x{half}_over_1x{a.threads}_tok_s":
+                          round(med[f"ray_2x{half}"]["tok_s"] / one["tok_s"], 3)}))
     return 0
 
 

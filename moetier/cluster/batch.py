@@ -2,11 +2,11 @@
 
 The driver (this process) reads the input and the output (:func:`~moetier.batch_file.plan_job`),
 cuts the requests to run into chunks and, once the replicas are loaded, hands them to
-``MoetierReplica`` actors as they ask for work; each replica streams back one entry per request as it finishes, and only the driver writes
-the output file, so every ``custom_id`` is answered exactly once, appended as it finishes, and a
-rerun resumes as the local batch does. A replica that dies (its process killed, its node lost)
+``MoetierReplica`` actors as they ask for work; each replica streams back one entry per request
+as it finishes, and only the driver writes the output file, so every ``custom_id`` is answered
+exactly once, appended as it finishes, and a rerun resumes as the local batch does. A replica that dies (its process killed, its node lost)
 has its unanswered requests put back at the head of the queue for the others, and the driver
-starts a replacement (``max_restarts`` in all per replica). A request whose replicas died under it
+starts a replacement (up to ``max_restarts`` per replica). A request whose replicas died under it
 ``MAX_ATTEMPTS`` times gets a ``replica_lost`` error line, which a later run runs again. The job
 fails only when no replica is left; what it had written stays, and a rerun goes on from there.
 """
