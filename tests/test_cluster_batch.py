@@ -14,18 +14,10 @@ from moetier.cluster.batch import run_batch_ray
 from moetier.errors import MoetierError
 from moetier.llm import LLM
 from procs import titled
-from test_batch_file import _answers as answers_of, _read
-from tiny import FAMILY_CONFIGS, add_char_tokenizer, fixed_machine_profile, make_checkpoint
+from test_batch_file import _answers as answers_of, _read, folder  # noqa: F401 - folder: the tiny model fixture
+from tiny import fixed_machine_profile
 
 PROFILE = fixed_machine_profile()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    cfg = dict(FAMILY_CONFIGS["mixtral"], vocab_size=97, eos_token_id=1, bos_token_id=0)
-    folder = make_checkpoint(tmp_path_factory.mktemp("ray-batch"), "mixtral", cfg)
-    add_char_tokenizer(folder)
-    return folder
 
 
 def _line(cid, url="/v1/completions", **body):
