@@ -17,7 +17,8 @@ A damaged checkpoint (a checksum mismatch or a short read while the run reads an
 CheckpointError naming the file, layer and expert) fails every request not yet answered with a
 ``checkpoint_error`` line: a throughput pass reads every expert of each layer for all of its
 sequences, so each of them needed the bad bytes. Those lines are not final: a later run with the
-same output (once the checkpoint is repaired) removes them and runs their requests again.
+same output (once the checkpoint is repaired) removes them and runs their requests again. So are
+``replica_lost`` lines (``moetier batch --ray``: the replicas running a request kept dying).
 """
 
 from __future__ import annotations
