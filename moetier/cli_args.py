@@ -84,15 +84,19 @@ def set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def llm_options(args) -> dict:
+    """The model arguments as LLM's keyword arguments."""
+    return dict(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                device_memory=args.device_memory, host_memory=args.host_memory, offload_dir=args.offload_dir,
+                cache_policy=args.cache_policy, prefetch=args.prefetch, verify=args.verify,
+                quantization=args.quantization, quant_group_size=args.quant_group_size, quant_dense=args.quant_dense)
+
+
 def open_llm(args, **override):
     from .llm import LLM
 
     set_threads(args)
-    kw = dict(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              device_memory=args.device_memory, host_memory=args.host_memory, offload_dir=args.offload_dir,
-              cache_policy=args.cache_policy, prefetch=args.prefetch, verify=args.verify,
-              quantization=args.quantization, quant_group_size=args.quant_group_size, quant_dense=args.quant_dense)
-    return LLM(**{**kw, **override})
+    return LLM(**{**llm_options(args), **override})
 
 
 def print_stats(llm, args) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_args import add_model_args, open_llm, print_stats, set_threads
+from .cli_args import add_model_args, llm_options, open_llm, print_stats, set_threads
 from .errors import MoetierError
 
 
@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--retry-errors", action="store_true",
                    help="run again the lines whose last result in --output was an error")
+    from .cluster.cli import add_batch_args
+
+    add_batch_args(p)
     p.set_defaults(func=cmd_batch)
 
 
@@ -43,6 +46,10 @@ def cmd_batch(args) -> int:
         raise FileNotFoundError(f"{args.input}: no such input file")
     if args.cascade is None and args.model is None:
         raise MoetierError("moetier batch needs --model (or --cascade)")
+    if args.ray is not None:  # on a Ray cluster (moetier/cluster)
+        from .cluster.cli import cmd_batch_ray
+
+        return cmd_batch_ray(args, llm_options(args))
     if args.cascade is not None:
         from .cascade_cli import open_cascade
 

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .cli_args import add_model_args, open_llm
+from .cli_args import add_model_args, llm_options, open_llm
 from .errors import MoetierError
 
 
@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
                    help="unload a model this long after its last request (default: keep it loaded; a "
                         "request's own keep_alive field overrides this)")
+    from .cluster.cli import add_serve_args
+
+    add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -73,6 +76,10 @@ def cmd_serve(args) -> int:
     cascades = serve_cascades(args.cascade or [], models)  # adds the cascades' models to models
     if not models:
         raise MoetierError("moetier serve needs a --model (or a --cascade)")
+    if args.ray is not None:  # on Ray Serve (moetier/cluster)
+        from .cluster.cli import cmd_serve_ray
+
+        return cmd_serve_ray(args, models, cascades, llm_options(args))
     total = args.device_memory or (args.host_memory if args.device == "cpu" else None)
     budget = resolve_budget(total, args.device)
 
