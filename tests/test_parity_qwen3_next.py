@@ -321,3 +321,37 @@ def test_bad_layer_types_is_a_config_error(tmp_path):
 
 def test_deltanet_module_is_the_one_loaded(hub_case):
     assert any(isinstance(getattr(layer, "linear_attn", None), GatedDeltaNet) for layer in hub_case["model"].model.layers)
+
+
+def test_packed_round_trip_is_bit_identical(tmp_path, tmp_path_factory):
+    """``moetier convert``: the packed folder gives the very same logits (the conv and DeltaNet weights too)."""
+    from moetier.weights.packed_write import convert
+
+    hub_case = _build("qwen3_5", "hub", tmp_path_factory)
+    packed = convert(hub_case["path"], tmp_path / "packed", progress=False)
+    model, _, _ = load_model(packed, dtype="float32")
+    assert torch.equal(moetier_logits(model, IDS[:20], split=12), moetier_logits(hub_case["model"], IDS[:20], split=12))
+
+
+def test_server_serves_the_hybrid_model(chat_model):
+    """``moetier serve``: several requests at once (the worker batches them) give LLM's greedy text."""
+    import concurrent.futures
+
+    import openai
+    from live_server import KEY, LiveServer
+
+    prompts = ["hello there", "abc", "the quick brown fox"]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    want = [o.outputs[0].text for o in LLM(chat_model, dtype="float32").generate(prompts, params, use_tqdm=False)]
+    srv = LiveServer("--model", f"next={chat_model}", "--dtype", "float32")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key=KEY, max_retries=0)
+
+        def ask(p):
+            return client.completions.create(model="next", prompt=p, max_tokens=10, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(ask, prompts)) == want
+    finally:
+        srv.stop()

@@ -126,8 +126,9 @@ class GatedDeltaNet(nn.Module):
         spec = self.cache_spec(mixed.dtype).shapes
         w = self.conv1d.weight  # [C, 1, K]
         decode = [i for i, (s, n) in enumerate(zip(batch.starts, batch.lengths)) if n == 1 and s > 0]
+        skip = set(decode)
         for i, (start, n) in enumerate(zip(batch.starts, batch.lengths)):
-            if i in decode or n == 0:
+            if i in skip or n == 0:
                 continue
             lo, hi = batch.offsets[i], batch.offsets[i + 1]
             conv_state, S = batch.caches[i].state(self.layer, spec)
