@@ -27,6 +27,19 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
+def causal_conv(xin: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv + silu: ``xin`` ``[..., C, K - 1 + n]`` (the window, then ``n`` new inputs),
+    ``w`` ``[C, 1, K]`` -> ``[..., C, n]`` in ``xin``'s dtype. ``K`` multiply-adds in float32 (as a
+    float32-accumulating conv1d), rounded once: oneDNN's bf16 depthwise conv1d is some 100x slower."""
+    K = w.shape[-1]
+    n = xin.shape[-1] - K + 1
+    wf = w[:, 0].float()
+    acc = xin[..., :n].float() * wf[:, :1]
+    for k in range(1, K):
+        acc.addcmul_(xin[..., k : k + n].float(), wf[:, k : k + 1])
+    return F.silu(acc.to(xin.dtype))
+
+
 def chunk_rule(q, k, v, g, beta, S=None, chunk: int = 64):
     """One sequence's ``n`` tokens: q, k ``[h, n, dk]`` (normalised, q scaled), v ``[h, n, dv]``,
     g (log decay), beta ``[h, n]``, all float32; ``S`` ``[h, dk, dv]`` or None (zeros).
@@ -136,7 +149,7 @@ class GatedDeltaNet(nn.Module):
             prev = conv_state if start > 0 else xs.new_zeros(self.conv_dim, self.K - 1)
             xin = torch.cat([prev, xs], dim=-1)
             conv_state.copy_(xin[:, -(self.K - 1):])
-            y = F.silu(F.conv1d(xin[None].to(w.dtype), w, groups=self.conv_dim))[0].t().to(mixed.dtype)  # [n, C]
+            y = causal_conv(xin, w).t()  # [n, C]
             q, k, v = self._qkv(y, scale_div=False)
             o, S_new = chunk_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[lo:hi].t(),
                                   beta[lo:hi].t(), S if start > 0 else None)
@@ -165,8 +178,7 @@ class GatedDeltaNet(nn.Module):
             parts = [c.state(self.layer, spec) for c in caches]
             conv, S = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
         xin = torch.cat([conv, mixed[rows][:, :, None]], dim=-1)  # [B, C, K]
-        w = self.conv1d.weight
-        y = F.silu(F.conv1d(xin.to(w.dtype), w, groups=self.conv_dim))[:, :, 0].to(mixed.dtype)  # [B, C]
+        y = causal_conv(xin, self.conv1d.weight)[:, :, 0]  # [B, C]
         q, k, v = self._qkv(y, scale_div=True)
         o, S = recurrent_step(q, k, v, g[rows], beta[rows], S)
         if slots is not None:
