@@ -148,7 +148,7 @@ class GatedDeltaNet(nn.Module):
             xs = mixed[lo:hi].t()  # [C, n]
             prev = conv_state if start > 0 else xs.new_zeros(self.conv_dim, self.K - 1)
             xin = torch.cat([prev, xs], dim=-1)
-            conv_state.copy_(xin[:, -(self.K - 1):])
+            conv_state.copy_(xin[:, xin.shape[-1] - (self.K - 1):])  # the window the next step sees
             y = causal_conv(xin, w).t()  # [n, C]
             q, k, v = self._qkv(y, scale_div=False)
             o, S_new = chunk_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[lo:hi].t(),
