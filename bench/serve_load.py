@@ -6,7 +6,12 @@ at a time (concurrency 1) for the batching gain. Each request streams ``--max-to
 tokens (EOS ignored, so every request does the same work). Prints one JSON object per
 concurrency level and a summary with the ratio of aggregate tokens/s.
 
-    python bench/serve_load.py [--model demo] [--requests 200] [--concurrency 32] [--max-tokens 64]
+With --structured, the concurrent level runs again with every request constrained by a grammar
+(``structured_outputs: {"regex": "[0-9+= ]{N,}"}`` with N = --max-tokens: as many tokens as the
+plain run, since the pattern cannot end sooner), and one more JSON object gives the masking cost: the wall
+time it adds per generated token.
+
+    python bench/serve_load.py [--model demo] [--requests 200] [--concurrency 32] [--max-tokens 64] [--structured]
 """
 
 from __future__ import annotations
@@ -47,10 +52,10 @@ def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
     raise SystemExit("the server did not come up")
 
 
-def one_request(port: int, model: str, prompt: str, max_tokens: int) -> dict:
+def one_request(port: int, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
     """One streamed completion: TTFT, mean TPOT, tokens (from the usage chunk), or the error."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True})
+                       "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, **(extra or {})})
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
@@ -80,7 +85,8 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int) -> dict:
     return {"ttft": first - t0, "tpot": (last - first) / (tokens - 1) if tokens > 1 else None, "tokens": tokens}
 
 
-def run_level(port: int, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+def run_level(port: int, model: str, prompts: list[str], concurrency: int, max_tokens: int,
+              extra: dict | None = None) -> dict:
     """``len(prompts)`` requests through ``concurrency`` client threads; latency percentiles and tokens/s."""
     results: list[dict] = []
     lock = threading.Lock()
@@ -92,7 +98,7 @@ def run_level(port: int, model: str, prompts: list[str], concurrency: int, max_t
                 prompt = next(todo, None)
             if prompt is None:
                 return
-            r = one_request(port, model, prompt, max_tokens)
+            r = one_request(port, model, prompt, max_tokens, extra)
             with lock:
                 results.append(r)
 
@@ -129,6 +135,8 @@ def main() -> None:
                     help="requests at concurrency 1 (default 24; its tokens/s settles quickly)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for moetier serve")
+    ap.add_argument("--structured", action="store_true",
+                    help="also run the concurrent level with a grammar and report the masking cost per token")
     a = ap.parse_args()
     prompts = [f"{i * 7 % 90 + 10}+{i * 13 % 900 + 10}=" for i in range(max(a.requests, a.serial_requests))]
     proc, port = start_server(a.model, a.server_arg)
@@ -138,6 +146,15 @@ def main() -> None:
         emit({"bench": "serve_load", "model": a.model, "max_tokens": a.max_tokens, **high})
         serial = run_level(port, a.model, prompts[:a.serial_requests], 1, a.max_tokens)
         emit({"bench": "serve_load", "model": a.model, "max_tokens": a.max_tokens, **serial})
+        if a.structured:
+            so = {"structured_outputs": {"regex": f"[0-9+= ]{{{a.max_tokens},}}"}}
+            grammar = run_level(port, a.model, prompts[:a.requests], a.concurrency, a.max_tokens, so)
+            emit({"bench": "serve_structured", "model": a.model, "max_tokens": a.max_tokens, **so, **grammar})
+            emit({"bench": "serve_structured_summary", "model": a.model, "concurrency": a.concurrency,
+                  "failed_requests": grammar["errors"],
+                  "tokens_per_s": {"plain": high["tokens_per_s"], "structured": grammar["tokens_per_s"]},
+                  "mask_ms_per_token": round((grammar["wall_s"] / max(grammar["tokens"], 1)
+                                              - high["wall_s"] / max(high["tokens"], 1)) * 1e3, 3)})
     finally:
         proc.terminate()
         proc.wait(30)

@@ -17,7 +17,8 @@ A damaged checkpoint (a checksum mismatch or a short read while the run reads an
 CheckpointError naming the file, layer and expert) fails every request not yet answered with a
 ``checkpoint_error`` line: a throughput pass reads every expert of each layer for all of its
 sequences, so each of them needed the bad bytes. Those lines are not final: a later run with the
-same output (once the checkpoint is repaired) removes them and runs their requests again.
+same output (once the checkpoint is repaired) removes them and runs their requests again. So are
+``replica_lost`` lines (``moetier batch --ray``: the replicas running a request kept dying).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .runtime.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-RETRIED = ("checkpoint_error",)  # error codes of lines that a later run removes and runs again
+RETRIED = ("checkpoint_error", "replica_lost")  # error codes of lines that a later run removes and runs again
 _text_content = text_content
 
 
@@ -90,6 +91,8 @@ def parse_line(text: str, line: int) -> BatchRequest:
         raise BadRequest("invalid_body", f"line {line}: stream is not available in a batch", cid)
     if kind == "chat" and body.get("tools"):
         raise BadRequest("invalid_body", f"line {line}: tools are served by moetier serve, not in a batch", cid)
+    if kind == "completion" and body.get("echo"):
+        raise BadRequest("invalid_body", f"line {line}: echo is served by moetier serve, not in a batch", cid)
     try:
         _check_prompt_shape(body, kind)
         params = sampling_params(body, kind)
@@ -192,7 +195,7 @@ def result_entry(req: BatchRequest, outs: list, model: str, tokenizer) -> dict:
 # -- the job -------------------------------------------------------------------------------------
 
 
-class _Writer:
+class ResultWriter:
     """Appends one JSON line per result and flushes it, so a crash loses at most the line being written."""
 
     def __init__(self, path: Path, on_result: Optional[Callable[[dict], None]]):
@@ -233,6 +236,120 @@ def _prompts(llm, req: BatchRequest) -> list[dict]:
     return [{"prompt_token_ids": ids, "prompt": text} for text, ids in items]
 
 
+@dataclass
+class BatchJob:
+    """What a run of ``input`` against ``output`` has to do, read before anything loads."""
+
+    todo: list[BatchRequest]  # the requests to run, in input order
+    errors: list[dict]  # entries for lines that cannot run, written before the run starts
+    duplicates: list[dict]  # entries for later copies of an id, written at the end
+    already_done: int  # lines the output already answers
+
+
+def plan_job(input_path: Union[str, Path], output_path: Union[str, Path], model: Optional[str] = None,
+             retry_errors: bool = False) -> BatchJob:
+    """Read ``input_path`` against what ``output_path`` already answers (see :func:`completed`).
+
+    Given ``model``, a ``body.model`` naming another model is an error entry. Needs no model loaded.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.exists():
+        raise FileNotFoundError(f"{input_path}: no such input file")
+    done_ids, done_lines = completed(output_path, retry_errors)
+    job = BatchJob([], [], [], 0)
+    seen: set[str] = set()
+    for item in read_requests(input_path):
+        cid = item.custom_id
+        first = cid is None or cid not in seen
+        if cid is not None:
+            seen.add(cid)
+        if not first:  # a later copy of an id: its error entry (by line) whether or not the first ran
+            if item.line in done_lines:
+                job.already_done += 1
+            else:
+                job.duplicates.append(error_entry("duplicate_custom_id", f"line {item.line}: custom_id {cid!r} "
+                                                  "appears earlier in the file; this line was not run", None,
+                                                  item.line))
+            continue
+        if cid in done_ids or (cid is None and item.line in done_lines):
+            job.already_done += 1
+            continue
+        if isinstance(item, BadRequest):
+            job.errors.append(error_entry(item.code, item.message, cid, item.line))
+            continue
+        asked = item.body.get("model")
+        if model is not None and asked is not None and asked not in (model, Path(model).name):
+            job.errors.append(error_entry("model_not_found", f"line {item.line}: body.model is {asked!r}, but this "
+                                          f"run serves {model!r}", cid))
+            continue
+        job.todo.append(item)
+    return job
+
+
+@dataclass
+class _Tokenized:
+    todo: list[BatchRequest]  # the requests whose prompts fit the model
+    groups: list[list[int]]  # per request in todo: its prompts' indices in ``prompts``
+    prompts: list[dict]
+    errors: list[dict]  # the others' error entries
+
+    def params(self) -> list[SamplingParams]:
+        return [self.todo[g].params for g, idx in enumerate(self.groups) for _ in idx]
+
+
+def _tokenize(llm, requests: list[BatchRequest]) -> _Tokenized:
+    t = _Tokenized([], [], [], [])
+    for item in requests:
+        try:
+            mine = _prompts(llm, item)
+        except (RequestError, MoetierError, ValueError) as e:
+            code = "context_length_exceeded" if "context length" in str(e) else "invalid_prompt"
+            t.errors.append(error_entry(code, f"line {item.line}: {e}", item.custom_id))
+            continue
+        t.groups.append(list(range(len(t.prompts), len(t.prompts) + len(mine))))
+        t.prompts.extend(mine)
+        t.todo.append(item)
+    return t
+
+
+def _generate(llm, t: _Tokenized, model: str, use_tqdm: bool, report: dict) -> Iterator[dict]:
+    """Each request's result entry as it finishes; on a damaged checkpoint, error entries for the rest
+    (``report["errors"]`` counts them, ``report["checkpoint_error"]`` says why)."""
+    owner = {i: g for g, idx in enumerate(t.groups) for i in idx}
+    answered: set[int] = set()
+    got: dict[int, object] = {}
+    try:
+        for i, out in llm.iter_generate(t.prompts, t.params(), mode="throughput", use_tqdm=use_tqdm):
+            got[i] = out
+            g = owner[i]
+            if all(j in got for j in t.groups[g]):
+                outs = [got.pop(j) for j in t.groups[g]]
+                answered.add(g)
+                # a cascade's answers (moetier batch --cascade) name the model that gave them
+                yield result_entry(t.todo[g], outs, answered_by(outs) or model, llm.tokenizer)
+    except CheckpointError as e:  # every request left needed the bad bytes (see the module doc)
+        log.error("the run stopped: %s", e)
+        failed = [r for g, r in enumerate(t.todo) if g not in answered]
+        report["errors"] = report.get("errors", 0) + len(failed)
+        report["checkpoint_error"] = str(e)
+        for r in failed:
+            yield error_entry("checkpoint_error", f"line {r.line}: generation failed: the model's "
+                              f"checkpoint is damaged: {e}", r.custom_id)
+
+
+def answer(llm, requests: list[BatchRequest], model: Optional[str] = None, use_tqdm: bool = False,
+           report: Optional[dict] = None) -> Iterator[dict]:
+    """The output entry of each of ``requests`` (from :func:`plan_job`), yielded as it is ready: first
+    those whose prompt cannot run, then each result as it finishes, in one throughput run.
+    ``report`` (a dict) gets ``errors`` and, on a damaged checkpoint, ``checkpoint_error``."""
+    report = {} if report is None else report
+    t = _tokenize(llm, requests)
+    report["errors"] = report.get("errors", 0) + len(t.errors)
+    yield from t.errors
+    if t.todo:
+        yield from _generate(llm, t, model or str(llm.config.model), use_tqdm, report)
+
+
 def run_batch(llm, input_path: Union[str, Path], output_path: Union[str, Path], model: Optional[str] = None,
               explain: bool = False, use_tqdm: bool = True,
               on_result: Optional[Callable[[dict], None]] = None, retry_errors: bool = False) -> dict:
@@ -244,89 +361,28 @@ def run_batch(llm, input_path: Union[str, Path], output_path: Union[str, Path], 
     naming another model is an error entry.
     Returns a summary.
     """
-    input_path, output_path = Path(input_path), Path(output_path)
-    if not input_path.exists():
-        raise FileNotFoundError(f"{input_path}: no such input file")
-    check_model = model is not None  # only a run told its model's name can tell another one apart
+    job = plan_job(input_path, output_path, model, retry_errors)
     model = model or str(llm.config.model)
-    done_ids, done_lines = completed(output_path, retry_errors)
-    todo: list[BatchRequest] = []
-    groups: list[list[int]] = []  # per request in todo: its prompts' indices in ``prompts``
-    prompts: list[dict] = []
-    errors: list[dict] = []  # written before the run starts
-    duplicates: list[dict] = []  # written at the end, once the first copy is answered
-    seen: set[str] = set()
-    skipped = 0
-    for item in read_requests(input_path):
-        cid = item.custom_id
-        first = cid is None or cid not in seen
-        if cid is not None:
-            seen.add(cid)
-        if not first:  # a later copy of an id: its error entry (by line) whether or not the first ran
-            if item.line in done_lines:
-                skipped += 1
-            else:
-                duplicates.append(error_entry("duplicate_custom_id", f"line {item.line}: custom_id {cid!r} "
-                                              "appears earlier in the file; this line was not run", None, item.line))
-            continue
-        if cid in done_ids or (cid is None and item.line in done_lines):
-            skipped += 1
-            continue
-        if isinstance(item, BadRequest):
-            errors.append(error_entry(item.code, item.message, cid, item.line))
-            continue
-        asked = item.body.get("model")
-        if check_model and asked is not None and asked not in (model, Path(model).name):
-            errors.append(error_entry("model_not_found", f"line {item.line}: body.model is {asked!r}, but this run "
-                                      f"serves {model!r}", cid))
-            continue
-        try:
-            mine = _prompts(llm, item)
-        except (RequestError, MoetierError, ValueError) as e:
-            code = "context_length_exceeded" if "context length" in str(e) else "invalid_prompt"
-            errors.append(error_entry(code, f"line {item.line}: {e}", cid))
-            continue
-        groups.append(list(range(len(prompts), len(prompts) + len(mine))))
-        prompts.extend(mine)
-        todo.append(item)
-    summary = {"input": str(input_path), "output": str(output_path), "already_done": skipped,
-               "to_run": len(todo), "errors": len(errors) + len(duplicates)}
-    params = [todo[g].params for g, idx in enumerate(groups) for _ in idx]
+    t = _tokenize(llm, job.todo)
+    summary = {"input": str(input_path), "output": str(output_path), "already_done": job.already_done,
+               "to_run": len(t.todo), "errors": len(job.errors) + len(t.errors) + len(job.duplicates)}
     if explain:
-        summary["plan"] = llm.plan(prompts, params).explain() if todo else "nothing to run"
+        summary["plan"] = llm.plan(t.prompts, t.params()).explain() if t.todo else "nothing to run"
         return summary
-    owner = {i: g for g, idx in enumerate(groups) for i in idx}
-    writer = _Writer(output_path, on_result)
+    writer = ResultWriter(Path(output_path), on_result)
     t0 = time.perf_counter()
     try:
-        for e in errors:
+        for e in job.errors + t.errors:
             writer.write(e)
-        if todo:
-            answered: set[int] = set()
-            got: dict[int, object] = {}
-            try:
-                for i, out in llm.iter_generate(prompts, params, mode="throughput", use_tqdm=use_tqdm):
-                    got[i] = out
-                    g = owner[i]
-                    if all(j in got for j in groups[g]):
-                        outs = [got.pop(j) for j in groups[g]]
-                        # a cascade's answers (moetier batch --cascade) name the model that gave them
-                        writer.write(result_entry(todo[g], outs, answered_by(outs) or model, llm.tokenizer))
-                        answered.add(g)
-            except CheckpointError as e:  # every request left needed the bad bytes (see the module doc)
-                log.error("the run stopped: %s", e)
-                failed = [r for g, r in enumerate(todo) if g not in answered]
-                for r in failed:
-                    writer.write(error_entry("checkpoint_error", f"line {r.line}: generation failed: the model's "
-                                             f"checkpoint is damaged: {e}", r.custom_id))
-                summary["errors"] += len(failed)
-                summary["checkpoint_error"] = str(e)
-        for e in duplicates:
+        if t.todo:
+            for e in _generate(llm, t, model, use_tqdm, summary):
+                writer.write(e)
+        for e in job.duplicates:
             writer.write(e)
     finally:
         writer.close()
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["written"] = writer.written
-    if todo and llm.last_run:
+    if t.todo and llm.last_run:
         summary["run"] = llm.last_run
     return summary

@@ -110,12 +110,16 @@ def passes(confidence: float, threshold: float) -> bool:
     return threshold <= 0 or (threshold < 1 and confidence >= threshold)
 
 
-def scoring_params(params: SamplingParams, rule: str) -> SamplingParams:
-    """``params`` asking for the per-token log-probabilities ``rule`` needs (same tokens sampled)."""
+def scoring_params(params: SamplingParams, rule: str, threshold: Optional[float] = None) -> SamplingParams:
+    """``params`` asking for the per-token log-probabilities ``rule`` needs (same tokens sampled). With the
+    level's ``threshold``, a ``min`` or ``product`` rule also stops an answer as soon as its confidence has
+    fallen below it (``confidence_stop``): the request escalates either way, without the rest of its tokens."""
     want = ENTROPY_TOP if rule == "entropy" else 0
-    if params.logprobs is not None and params.logprobs >= want:
-        return params
-    return dataclasses.replace(params, logprobs=want)
+    if params.logprobs is None or params.logprobs < want:
+        params = dataclasses.replace(params, logprobs=want)
+    if threshold is not None and rule in ("min", "product") and 0 < threshold < 1:
+        params = dataclasses.replace(params, confidence_stop=(rule, threshold))
+    return params
 
 
 def _strip(out: RequestOutput, asked: Optional[int]) -> None:
@@ -347,7 +351,7 @@ class Cascade:
             if not pending:
                 return
             asked = [params_list[i] for i in pending]
-            run = asked if level == last else [scoring_params(p, self.rule) for p in asked]
+            run = asked if level == last else [scoring_params(p, self.rule, self.thresholds[level]) for p in asked]
             level_prompts = [prompt(level, i) for i in pending]
             if level and not self.shared_vocab and any(not isinstance(p, str) for p in level_prompts):
                 raise CascadeError("the cascade's models have different vocabularies, so token-id prompts "

@@ -152,11 +152,12 @@ class LLM:
                              max_model_len or limit, max_num_seqs, max_batch_tokens, offload=offload)
 
     def _kv_reserve(self, max_model_len: Optional[int]) -> int:
-        """KV bytes set aside in the memory accounting: one sequence of up to 2048 tokens."""
-        from .experts.setup import kv_bytes_per_token
+        """KV bytes set aside in the memory accounting: one sequence of up to 2048 tokens (its KV layers'
+        keys and values, its linear-attention layers' fixed-size states)."""
+        from .runtime.cache_spec import seq_bytes
 
         run_dtype = next(p for p in self.model.parameters() if p.device.type != "meta").dtype
-        return kv_bytes_per_token(self.args, run_dtype) * min(max_model_len or self.args.max_position_embeddings, 2048)
+        return seq_bytes(self.args, run_dtype, min(max_model_len or self.args.max_position_embeddings, 2048))
 
     def footprint(self) -> int:
         """Bytes this model holds on its device: weights (or dense weights + expert slots) and the KV reserve."""

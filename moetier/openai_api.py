@@ -97,9 +97,11 @@ def _unsupported(body: dict, kind: str) -> None:
     if best_of is not None and best_of != 1:
         raise ParamError(f"best_of must be 1 (moetier does not rank candidates), got {best_of!r}", "best_of",
                          "unsupported_parameter")
-    if body.get("parallel_tool_calls"):
-        raise ParamError("parallel_tool_calls is not supported: a reply carries at most one tool call",
-                         "parallel_tool_calls", "unsupported_parameter")
+
+
+def echo_only(body: dict, kind: str) -> bool:
+    """``echo`` with ``max_tokens: 0``: the answer is the prompt (and its logprobs) alone."""
+    return kind == "completion" and bool(body.get("echo")) and body.get("max_tokens") == 0
 
 
 def structured_of(body: dict) -> Optional[dict]:
@@ -142,6 +144,8 @@ def sampling_params(body: dict, kind: str, tool_schema: Optional[dict] = None) -
             raise ParamError(f"{key} must be an integer, got {max_tokens!r}", key, "invalid_type")
     else:
         max_tokens = _int(body, "max_tokens", 16)
+        if echo_only(body, kind):  # as vLLM: one token is generated for the prompt's logprobs, not returned
+            max_tokens = 1
     n = _int(body, "n", 1)
     if not 1 <= n <= MAX_N:
         raise ParamError(f"n must be in [1, {MAX_N}], got {n}", "n")

@@ -23,9 +23,10 @@ def _tok(tokenizer, t: int) -> str:
     return tokenizer.decode([t]) if tokenizer is not None else str(t)
 
 
-def logprobs_of(kind: str, entries: list[dict], tokenizer) -> dict:
-    """OpenAI's ``logprobs`` object for ``entries`` (``{"token", "logprob", "top"}`` per generated token)."""
-    return _chat_logprobs(entries, tokenizer) if kind == "chat" else _completion_logprobs(entries, tokenizer)
+def logprobs_of(kind: str, entries: list[dict], tokenizer, start: int = 0) -> dict:
+    """OpenAI's ``logprobs`` object for ``entries`` (``{"token", "logprob", "top"}`` per generated token);
+    ``start``: the completion's ``text_offset`` of the first."""
+    return _chat_logprobs(entries, tokenizer) if kind == "chat" else _completion_logprobs(entries, tokenizer, start)
 
 
 def _chat_logprobs(entries: list[dict], tokenizer) -> dict:

@@ -46,6 +46,13 @@ class LiveServer:
         self.proc.wait(30)
 
 
+def openai_client(server, key=KEY):
+    """The official ``openai`` client on ``server``'s /v1, without retries."""
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0)
+
+
 def raw_call(server, method, path, body: bytes | None = None, key=KEY):
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
     headers = {"Content-Type": "application/json"}

@@ -81,6 +81,7 @@ def test_parse_maps_openai_fields():
     (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": "x"}), "invalid_body"),
     (_line("a", prompt="x", temperature="hot"), "invalid_body"),
     (_line("a", prompt="x", max_tokens=0), "invalid_body"),
+    (_line("a", prompt="x", max_tokens=0, echo=True), "invalid_body"),  # not silently ignored
     (_line("a", prompt=""), "invalid_body"),
     (_line("a", prompt=[[]]), "invalid_body"),
     (_line("a", prompt=["x", 5]), "invalid_body"),
@@ -207,3 +208,43 @@ def test_duplicates_survive_resume_retry_errors_and_model_check(llm, tmp_path):
     entries = _read(out)
     assert sorted(e["custom_id"] or "dup" for e in entries) == ["a", "b", "dup"]
     assert [e["error"]["code"] for e in entries if e["error"]] == ["duplicate_custom_id"]
+
+
+def test_structured_outputs_in_a_batch_validate(tmp_path):
+    """response_format and structured_outputs lines, run in throughput mode by the demo model:
+    every answer obeys its constraint, sampled or greedy."""
+    import re
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Rome", "Oslo"]}, "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2}},
+        "required": ["city", "n", "tags"], "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    chat = "/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    lines = [json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": {"model": "demo", **body}})
+             for cid, url, body in [
+                 ("schema-0", chat, dict(messages=hi, max_tokens=60, temperature=0, response_format=rf)),
+                 ("schema-1", chat, dict(messages=hi, max_tokens=60, temperature=1.0, seed=1, response_format=rf)),
+                 ("schema-2", "/v1/completions", dict(prompt="12+34=", max_tokens=60, temperature=1.0, seed=2, n=2,
+                                                     structured_outputs={"json": schema})),
+                 ("choice", "/v1/completions", dict(prompt="12+34=", max_tokens=10, temperature=1.0, seed=3,
+                                                   structured_outputs={"choice": ["yes", "no"]})),
+                 ("regex", "/v1/completions", dict(prompt="12+34=", max_tokens=12, temperature=1.0, seed=4,
+                                                  structured_outputs={"regex": "[0-9]{2}-[a-z]{1,3}"})),
+                 ("plain", "/v1/completions", dict(prompt="12+34=", max_tokens=6, temperature=0))]]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    assert main(["batch", "--model", "demo", "--input", str(inp), "--output", str(out), "--quiet"]) == 0
+    got = {e["custom_id"]: e for e in _read(out)}
+    assert all(e["error"] is None for e in got.values()), got
+    texts = _answers(got.values())
+    for cid in ("schema-0", "schema-1", "schema-2"):
+        for t in texts[cid]:
+            jsonschema.validate(json.loads(t), schema)
+    assert len(texts["schema-2"]) == 2
+    assert texts["choice"][0] in ("yes", "no")
+    assert re.fullmatch("[0-9]{2}-[a-z]{1,3}", texts["regex"][0])
+    assert texts["plain"][0].strip() == "46"  # the unconstrained line in the same pass is untouched

@@ -9,7 +9,7 @@ import pytest
 
 from moetier import LLM, SamplingParams
 from moetier.cascade import (Cascade, CascadeError, DEFAULT_RULE, passes, read_calibration, request_confidence,
-                             token_confidence)
+                             scoring_params, token_confidence)
 from moetier.cascade_calibrate import ModelScores, calibrate, pick_thresholds, score_model, separation, simulate, task_params
 from moetier.cli import main
 from moetier.demo import demo_path, task_path
@@ -200,6 +200,39 @@ def test_calibration_holds_on_held_out_items(small, large, held_out, tmp_path):
     assert acc >= l.accuracy - 0.01 - 1e-9
     escalated = sum(o.model == "demo" for o in outs) / len(outs)
     assert 0 < escalated < 0.6
+
+
+@pytest.mark.parametrize("rule", ["min", "product"])
+def test_early_escalation_decides_as_the_whole_answer(small, large, held_out, rule):
+    """An answer stopped once its confidence is below the threshold (it can only fall) escalates exactly when
+    the whole answer would have, and costs fewer of the small model's tokens."""
+    items = held_out[0][:60]
+    prompts, params = [it.prompt for it in items], task_params(small, items)
+    full = small.generate(prompts, [scoring_params(p, rule) for p in params], use_tqdm=False)
+    confs = [request_confidence(o, rule) for o in full]
+    t = sorted(confs)[len(confs) // 3]  # escalates about a third
+    stopped = small.generate(prompts, [scoring_params(p, rule, t) for p in params], use_tqdm=False)
+    for f, st, conf in zip(full, stopped, confs):
+        a, b = f.outputs[0], st.outputs[0]
+        if passes(conf, t):
+            assert b.token_ids == a.token_ids and b.finish_reason != "abort"
+        else:
+            assert (b.finish_reason, b.stop_reason) == ("abort", "low_confidence")
+            assert a.token_ids[:len(b.token_ids)] == b.token_ids
+            assert not passes(request_confidence(st, rule), t)
+    n_full, n_stopped = (sum(len(o.outputs[0].token_ids) for o in outs) for outs in (full, stopped))
+    assert n_stopped < n_full
+    outs = Cascade([small, large], thresholds=t, rule=rule, names=["demo-small", "demo"]).generate(
+        prompts, params, use_tqdm=False)
+    assert [o.model for o in outs] == ["demo-small" if passes(c, t) else "demo" for c in confs]
+
+
+def test_confidence_stop_checked():
+    with pytest.raises(ValueError, match="confidence_stop needs logprobs"):
+        SamplingParams(confidence_stop=("min", 0.5))
+    for bad in (("mean", 0.5), ("min", 1.0), ("min", 0), "min"):
+        with pytest.raises(ValueError, match="confidence_stop must be"):
+            SamplingParams(logprobs=0, confidence_stop=bad)
 
 
 def test_cli_calibrate_then_eval(tmp_path, capsys):

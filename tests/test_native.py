@@ -125,34 +125,43 @@ def checkpoints(tmp_path_factory):
             for fam, cfg in (("mixtral", CFG), ("qwen3_moe", QWEN3), ("qwen2_moe", QWEN2))}
 
 
-def _decode(llm, fused: bool, n=20):
-    """Greedy tokens and every step's logits, with the layers' fused path on or off."""
-    saved = [layer.fused for layer in llm.model.model.layers]
-    if not fused:
-        for layer in llm.model.model.layers:
-            layer.fused = None
-    try:
+class _path:
+    """Run ``llm`` with the fused paths of ``level``: "token" (all installed: one call a token where the model
+    takes it), "layer" (the per-layer fused path only) or "off" (the unfused layers)."""
+
+    def __init__(self, llm, level: str):
+        self.model, self.level = llm.model, level
+
+    def __enter__(self):
+        layers = self.model.model.layers
+        self.saved = self.model.fused_token, [layer.fused for layer in layers]
+        if self.level != "token":
+            self.model.fused_token = None
+        if self.level == "off":
+            for layer in layers:
+                layer.fused = None
+
+    def __exit__(self, *exc):
+        self.model.fused_token, fused = self.saved
+        for layer, f in zip(self.model.model.layers, fused):
+            layer.fused = f
+
+
+def _decode(llm, level: str = "token", n=20):
+    """Greedy tokens and every step's logits through the fused paths of ``level`` (:class:`_path`)."""
+    with _path(llm, level):
         out = llm.generate([{"prompt_token_ids": list(range(3, 40))}],
                            SamplingParams(max_tokens=n, temperature=0, logprobs=1))
-    finally:
-        for layer, f in zip(llm.model.model.layers, saved):
-            layer.fused = f
     o = out[0].outputs[0]
     return o.token_ids, [lp["logprob"] for lp in o.logprobs]
 
 
-def _stepped(llm, fused: bool, ids, split):
-    """Logits of every position, ``ids[split:]`` fed one decode step at a time, fused path on or off."""
+def _stepped(llm, level: str, ids, split):
+    """Logits of every position, ``ids[split:]`` fed one decode step at a time (:class:`_path` ``level``)."""
     from tiny import moetier_logits
 
-    saved = [layer.fused for layer in llm.model.model.layers]
-    try:
-        for layer in llm.model.model.layers:
-            layer.fused = layer.fused if fused else None
+    with _path(llm, level):
         return moetier_logits(llm.model, ids, split=split)[split:].float()
-    finally:
-        for layer, f in zip(llm.model.model.layers, saved):
-            layer.fused = f
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
@@ -164,19 +173,35 @@ def test_fused_decode_layer_agrees_with_the_unfused_layer(checkpoints, family, q
     llm = LLM(str(checkpoints[family]), dtype="bfloat16", quantization=quant)
     assert all(layer.fused is not None for layer in llm.model.model.layers)
     ids = list(range(3, 40)) + [int(t) for t in torch.randint(3, 500, (16,), generator=torch.Generator().manual_seed(5))]
-    fused, plain = _stepped(llm, True, ids, 37), _stepped(llm, False, ids, 37)
-    ref = _stepped(LLM(str(checkpoints[family]), dtype="float32", quantization=quant), False, ids, 37)
+    fused, plain = _stepped(llm, "layer", ids, 37), _stepped(llm, "off", ids, 37)
+    ref = _stepped(LLM(str(checkpoints[family]), dtype="float32", quantization=quant), "off", ids, 37)
     err_fused, err_plain = (fused - ref).abs().max().item(), (plain - ref).abs().max().item()
     assert err_fused <= 1.5 * err_plain + 0.02 * ref.abs().max().item(), (err_fused, err_plain)
 
 
 def test_fused_offloaded_experts_equal_resident_ones(checkpoints):
     ck = str(checkpoints["mixtral"])
-    resident = _decode(LLM(ck, dtype="bfloat16", quantization="int4"), True)
+    resident = _decode(LLM(ck, dtype="bfloat16", quantization="int4"), "layer")
     offloaded = LLM(ck, dtype="bfloat16", quantization="int4", expert_slots=4, offload_dir=str(checkpoints["mixtral"].parent / "off"))
     assert all(layer.fused is not None for layer in offloaded.model.model.layers)
     assert type(offloaded.model.model.layers[0].mlp.experts).__name__ == "OffloadedExperts"
-    assert _decode(offloaded, True) == resident
+    assert offloaded.model.fused_token is None  # experts come through the store
+    assert _decode(offloaded) == resident
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_one_call_a_token_equals_the_fused_layers(checkpoints, family, quant):
+    """All layers in one native call: the per-layer fused path's calls in the same order, so the same logits bit
+    for bit (teacher-forced steps, then greedy decode); a layer with a shared expert keeps the per-layer path."""
+    llm = LLM(str(checkpoints[family]), dtype="bfloat16", quantization=quant)
+    if family == "qwen2_moe":
+        assert llm.model.fused_token is None
+        return
+    assert llm.model.fused_token is not None
+    ids = list(range(3, 40)) + [int(t) for t in torch.randint(3, 500, (16,), generator=torch.Generator().manual_seed(6))]
+    assert torch.equal(_stepped(llm, "token", ids, 37), _stepped(llm, "layer", ids, 37))
+    assert _decode(llm, "token") == _decode(llm, "layer")
 
 
 def test_without_the_native_kernels_the_same_folder_still_runs(checkpoints, tmp_path):

@@ -10,21 +10,9 @@ import time
 
 import openai
 import pytest
-from live_server import KEY, LiveServer, open_stream, raw_call
+from live_server import KEY, open_stream, openai_client, raw_call
 
 PROMPT = "12+34="
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = LiveServer()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key=KEY, max_retries=0)
 
 
 def _long(client, **kw):
@@ -114,7 +102,7 @@ def test_unknown_model_404(client):
 
 
 def test_bad_api_key_401(server):
-    bad = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="wrong", max_retries=0)
+    bad = openai_client(server, key="wrong")
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     with pytest.raises(openai.AuthenticationError):

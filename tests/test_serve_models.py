@@ -8,7 +8,7 @@ import time
 
 import openai
 import pytest
-from live_server import KEY, LiveServer, open_stream
+from live_server import LiveServer, open_stream
 
 from moetier.demo import demo_path
 
@@ -23,11 +23,6 @@ def server(tmp_path_factory):
     srv = LiveServer("--model", "demo", "--model", f"copy={copy}", "--host-memory", "20MiB", "--max-requests", "2")
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key=KEY, max_retries=0)
 
 
 def _loaded(client) -> dict[str, bool]:

@@ -57,8 +57,10 @@ def attention_pairs(starts: list[int], lengths: list[int]) -> int:
 
 
 def kv_bytes_read(shape: ModelShape, starts: list[int], lengths: list[int]) -> int:
-    """KV cache bytes a step reads: every sequence's whole cache, its new tokens included, once."""
-    return sum(s + n for s, n in zip(starts, lengths)) * shape.kv_bytes_per_token
+    """KV cache bytes a step reads: every sequence's whole cache, its new tokens included, once (and its
+    linear-attention layers' fixed-size states)."""
+    tokens = sum(s + n for s, n in zip(starts, lengths))
+    return tokens * shape.kv_bytes_per_token + len(starts) * shape.state_bytes_per_seq
 
 
 def step_bytes(shape: ModelShape, step: Step) -> int:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..experts.setup import kv_bytes_per_token
+from ..runtime.cache_spec import state_bytes_per_seq
 from ..models.moe import ExpertsBase, SparseMoeBlock
 
 
@@ -35,6 +36,7 @@ class ModelShape:
     weight_bytes: int  # bytes per weight element (the run's dtype)
     kv_bytes_per_token: int  # KV cache bytes of one token, all layers, in the cache's own dtype
     attn_flops_per_pair: int  # all layers: one query position against one cached key position
+    state_bytes_per_seq: int = 0  # fixed-size states (linear-attention layers) of one sequence, all layers
 
     @property
     def resident_bytes(self) -> int:
@@ -80,8 +82,9 @@ class ModelShape:
             num_experts=blocks[0].experts.num_experts if blocks else 0,
             top_k=blocks[0].gate.top_k if blocks else 0, weight_bytes=dtype.itemsize,
             kv_bytes_per_token=kv_bytes_per_token(args, dtype),
-            # q.k over d_qk and p.v over d_v, a multiply and an add each, every head, every layer
-            attn_flops_per_pair=2 * h * (d_qk + d_v) * args.num_hidden_layers,
+            # q.k over d_qk and p.v over d_v, a multiply and an add each, every head, every layer with a KV cache
+            attn_flops_per_pair=2 * h * (d_qk + d_v) * sum(c.kind == "kv" for c in args.layer_caches(dtype)),
+            state_bytes_per_seq=state_bytes_per_seq(args, dtype),
         )
 
     @classmethod

@@ -101,12 +101,11 @@ def attach_offload(model, packed, device: torch.device, device_memory: Optional[
 
 
 def kv_bytes_per_token(args, dtype: torch.dtype) -> int:
-    """KV cache bytes one token takes across all layers (the MLA latent for DeepSeek)."""
-    if getattr(args, "kv_lora_rank", None):
-        per_layer = args.kv_lora_rank + args.qk_rope_head_dim
-    else:
-        per_layer = 2 * args.num_key_value_heads * args.head_dim
-    return per_layer * args.num_hidden_layers * dtype.itemsize
+    """KV cache bytes one token takes across all layers (the MLA latent for DeepSeek; layers that
+    keep a fixed-size state instead add nothing: ``runtime.cache_spec.state_bytes_per_seq``)."""
+    from ..runtime.cache_spec import kv_bytes_per_token as per_token
+
+    return per_token(args, dtype)
 
 
 def ensure_packed(path: Path, dtype, offload_dir: Optional[Path], quant=None) -> Path:

@@ -85,6 +85,17 @@ class BaseModelArgs:
         args.validate()
         return args
 
+    def layer_caches(self, dtype):
+        """What each layer caches per sequence (``runtime/cache_spec.py``): here every layer keeps
+        keys and values (DeepSeek's MLA: its latent and rotary key) of every position."""
+        from ..runtime.cache_spec import kv
+
+        if getattr(self, "kv_lora_rank", None):
+            per_layer = self.kv_lora_rank + self.qk_rope_head_dim
+        else:
+            per_layer = 2 * self.num_key_value_heads * self.head_dim
+        return [kv(per_layer * dtype.itemsize)] * self.num_hidden_layers
+
     def validate(self) -> None:
         """Check derived sizes; subclasses extend."""
         if self.num_key_value_heads is None:

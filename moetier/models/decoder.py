@@ -19,11 +19,11 @@ from .layers import RMSNorm
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention, then MLP or sparse MoE."""
 
-    def __init__(self, args: BaseModelArgs, attn: nn.Module, mlp: nn.Module):
+    def __init__(self, args: BaseModelArgs, attn: nn.Module, mlp: nn.Module, norm: type = RMSNorm):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm = norm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = attn
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = norm(args.hidden_size, args.rms_norm_eps)
         self.mlp = mlp
         self.fused = None  # models/fused.py: one decode token of one sequence in three native calls
 
@@ -35,11 +35,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, args: BaseModelArgs, layers: list[DecoderLayer]):
+    def __init__(self, args: BaseModelArgs, layers: list[DecoderLayer], norm: type = RMSNorm):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = norm(args.hidden_size, args.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
@@ -49,11 +49,12 @@ class CausalLM(nn.Module):
     only for the rows asked for (by default each sequence's last token).
     """
 
-    def __init__(self, args: BaseModelArgs, make_layer: Callable[[int], DecoderLayer]):
+    def __init__(self, args: BaseModelArgs, make_layer: Callable[[int], DecoderLayer], norm: type = RMSNorm):
         super().__init__()
         self.args = args
-        self.model = DecoderModel(args, [make_layer(i) for i in range(args.num_hidden_layers)])
+        self.model = DecoderModel(args, [make_layer(i) for i in range(args.num_hidden_layers)], norm)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.fused_token = None  # models/fused.py: one decode token of one sequence through all layers at once
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -70,8 +71,11 @@ class CausalLM(nn.Module):
         rows after the final norm: the caller runs the LM head on them in chunks (prompt logprobs).
         """
         x = self.model.embed_tokens(input_ids)  # [T, H]
-        for layer in self.model.layers:
-            x = layer(x, batch)
+        if self.fused_token is not None and x.shape[0] == 1 and len(batch.lengths) == 1 and x.dtype == torch.bfloat16:
+            x = self.fused_token(x, batch)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, batch)
         if logits_rows is None:
             logits_rows = batch.last_token_indices()
         logits = self.lm_head(self.model.norm(x[logits_rows.to(x.device)])).float()

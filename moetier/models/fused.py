@@ -33,7 +33,7 @@ from ..kernels import native
 from ..kernels.linear import has_native, native_rows
 from ..kernels.quant import QuantWeight
 from .layers import Attention, RMSNorm
-from .moe import SoftmaxTopKRouter, SparseMoeBlock
+from .moe import Experts, SoftmaxTopKRouter, SparseMoeBlock, fused_ok
 
 ENV = "MOETIER_FUSED"
 
@@ -49,11 +49,20 @@ class AttnDesc(ctypes.Structure):
                 ("window", ctypes.c_int64)]
 
 
+class LayerDesc(ctypes.Structure):
+    """gemv.c's ``layer_desc``: a fused layer whose experts are all resident."""
+
+    _fields_ = [("attn", AttnDesc), ("post_norm", ctypes.c_void_p), ("post_eps", ctypes.c_float),
+                ("top_k", ctypes.c_int32), ("normalize", ctypes.c_int32), ("router", native.WDesc),
+                ("experts", ctypes.c_void_p)]
+
+
 def _signatures(so) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     so.mt_attn1.argtypes = [p, p, i64, p, p, p, p, i64, i32]
     so.mt_route1.argtypes = [p, i64, p, f32, p, i32, i32, p, p, p, i32]
-    so.mt_attn1.restype = so.mt_route1.restype = i32
+    so.mt_decode1.argtypes = [p, i32, p, i64, p, p, p, p, p, i32]
+    so.mt_attn1.restype = so.mt_route1.restype = so.mt_decode1.restype = i32
 
 
 def _weight(m: nn.Module):
@@ -127,6 +136,53 @@ class FusedLayer:
         return x + out
 
 
+class FusedToken:
+    """A decode token of one sequence through every layer in one native call (``mt_decode1``).
+
+    Taken when every layer has a :class:`FusedLayer`, every layer's experts are resident and read by the
+    native kernels, no layer has a shared expert, and all layers share one rotary table: the per-layer
+    path's calls, in the same order on the same buffers, without returning to Python between them."""
+
+    def __init__(self, fused: list[FusedLayer]):
+        self.layers = fused
+        self.rotary = fused[0].attn.rotary
+        if any(f.attn.rotary._key != self.rotary._key for f in fused):
+            raise ValueError("layers with different rotary settings")
+        n = len(fused)
+        self.experts = [_resident_experts(f.mlp, f.H) for f in fused]
+        self.descs = (LayerDesc * n)(*[
+            LayerDesc(f.desc, f.post_norm.weight.data_ptr(), f.post_norm.eps, f.k, f.mlp.gate.normalize, f.router,
+                      ctypes.addressof(ex)) for f, ex in zip(fused, self.experts)])
+        self.kb, self.vb, self.cap = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (ctypes.c_int64 * n)()
+
+    def __call__(self, x: torch.Tensor, batch) -> torch.Tensor:
+        cache, pos = batch.caches[0], batch.starts[0]
+        for i, f in enumerate(self.layers):
+            kb, vb = cache.reserve(i, pos + 1, (f.part, f.part))
+            self.kb[i], self.vb[i], self.cap[i] = kb.data_ptr(), vb.data_ptr(), kb.shape[1]
+        cos, sin = self.rotary._table(pos + 1, x.device)
+        row = pos * cos.shape[1] * 4
+        x = x.contiguous()  # written in place: the embedding's fresh output
+        if native.lib().mt_decode1(self.descs, len(self.layers), x.data_ptr(), pos, cos.data_ptr() + row,
+                                   sin.data_ptr() + row, self.kb, self.vb, self.cap, torch.get_num_threads()):
+            raise RuntimeError(f"fused decode refused position {pos}")
+        return x
+
+
+def _resident_experts(mlp: SparseMoeBlock, H: int):
+    """A layer's experts as a ctypes array of descriptors, if all are resident and native; else ValueError."""
+    experts = mlp.experts
+    if type(experts) is not Experts or mlp.shared_expert is not None:
+        raise ValueError("offloaded experts or a shared expert")
+    pairs = [experts.weights(e) for e in range(experts.num_experts)]
+    probe = torch.empty(1, H, dtype=torch.bfloat16)
+    if not fused_ok(probe, pairs):
+        raise ValueError("an expert weight the native kernels do not read")
+    arr = (native.Expert * len(pairs))(*[native.Expert(native.wdesc(gu), native.wdesc(dn)) for gu, dn in pairs])
+    arr._keep = pairs  # the descriptors hold raw pointers
+    return arr
+
+
 def _weight_plain(gate: nn.Module):
     """The router's weight if the native bf16 kernel reads it (routers stay in 16 bits)."""
     w = gate.weight
@@ -163,4 +219,10 @@ def install(model: nn.Module) -> int:
                 n += 1
             except ValueError:
                 pass
+    model.fused_token = None
+    if n == len(layers) and n:
+        try:
+            model.fused_token = FusedToken([layer.fused for layer in layers])
+        except ValueError:
+            pass
     return n

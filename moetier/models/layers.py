@@ -33,6 +33,28 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class ZeroCenteredRMSNorm(RMSNorm):
+    """RMS normalisation scaled by ``1 + weight`` in float32, then rounded (Qwen3-Next, Qwen3.5).
+
+    The weight is stored zero-centred, as the checkpoints hold it."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm of ``x``, then times ``silu(gate)`` in float32 (the output norm of a gated DeltaNet layer)."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return (super().forward(x) * F.silu(gate.float())).to(x.dtype)
+
+
 def _yarn_inv_freq(rope: RopeArgs, dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies, keep high ones (arXiv 2309.00071)."""
     p = rope.params

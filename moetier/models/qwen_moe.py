@@ -148,21 +148,24 @@ class Qwen3MoeArgs(QwenMoeArgs):
 WEIGHTS = WeightMap()
 
 
-def build(args: QwenMoeArgs) -> CausalLM:
+def build_mlp(args: QwenMoeArgs, i: int):
+    """Layer ``i``'s feed-forward: a dense SwiGLU, or the sparse MoE block (with the gated shared expert)."""
     H = args.hidden_size
+    if not args.is_sparse(i):
+        return MLP(H, args.intermediate_size)
+    shared = args.shared_expert_size()
+    return SparseMoeBlock(
+        SoftmaxTopKRouter(H, args.num_experts, args.num_experts_per_tok, normalize=args.norm_topk_prob),
+        Experts(args.num_experts, H, args.moe_intermediate_size),
+        shared_expert=MLP(H, shared) if shared else None,
+        shared_expert_gate=bool(shared),
+    )
 
+
+def build(args: QwenMoeArgs) -> CausalLM:
     def layer(i: int) -> DecoderLayer:
         attn = Attention(args, i, qk_norm=args.QK_NORM, qkv_bias=args.qkv_has_bias(), sliding_window=args.window(i))
-        if not args.is_sparse(i):
-            return DecoderLayer(args, attn, MLP(H, args.intermediate_size))
-        shared = args.shared_expert_size()
-        moe = SparseMoeBlock(
-            SoftmaxTopKRouter(H, args.num_experts, args.num_experts_per_tok, normalize=args.norm_topk_prob),
-            Experts(args.num_experts, H, args.moe_intermediate_size),
-            shared_expert=MLP(H, shared) if shared else None,
-            shared_expert_gate=bool(shared),
-        )
-        return DecoderLayer(args, attn, moe)
+        return DecoderLayer(args, attn, build_mlp(args, i))
 
     return CausalLM(args, layer)
 

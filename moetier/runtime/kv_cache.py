@@ -10,6 +10,11 @@ A pool holds the buffers of many sequences in one tensor per layer and part,
 together straight on the pool (``models/layers.py``) instead of on padded copies of
 their caches. The throughput runner uses one, where every sequence's reservation is
 known up front.
+
+Layers that keep a fixed-size state instead (``runtime/cache_spec.py``: a gated DeltaNet layer's
+conv window and recurrent state) get it from :meth:`SeqKV.state`, a pool's state rows
+``[slots, *shape]`` beside its KV rows; a state is never grown, and a sequence's first step
+(``start == 0``) overwrites it rather than reading it, so a reused row needs no clearing.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class KVPool:
         self.device = torch.device(device)
         self.dtype = dtype
         self.layers: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers
+        self.states: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers  # [slots, *shape] per part
         self._free = list(range(self.slots - 1, -1, -1))  # pop() gives the lowest free slot
 
     def take(self) -> "SeqKV":
@@ -54,6 +60,21 @@ class KVPool:
             self.layers[layer] = bufs
         return bufs
 
+    def state(self, layer: int, shapes) -> tuple[torch.Tensor, ...]:
+        """The pool's state rows of ``layer``: ``[slots, *shape]`` per ``(shape, dtype)`` of ``shapes``."""
+        bufs = self.states[layer]
+        if bufs is None:
+            bufs = self.states[layer] = _zeros(shapes, self.device, (self.slots,))
+        return bufs
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for part in (self.layers, self.states) for bufs in part if bufs
+                   for b in bufs)
+
+
+def _zeros(shapes, device, lead: tuple = ()) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.zeros(lead + tuple(s), dtype=d, device=device) for s, d in shapes)
+
 
 class SeqKV:
     """KV buffers of one sequence across all layers; grows by doubling (out of its pool row, if it has one)."""
@@ -67,6 +88,19 @@ class SeqKV:
         self.pool, self.slot = pool, slot
         self._outgrown: set[int] = set()  # layers whose buffers had to leave the pool row
         self._layers: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers
+        self._states: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> its fixed-size state
+
+    def state(self, layer: int, shapes) -> tuple[torch.Tensor, ...]:
+        """``layer``'s fixed-size state (``(shape, dtype)`` per tensor of ``shapes``), this sequence's
+        pool row or its own, allocated zeroed on first use. Updated in place by the layer."""
+        bufs = self._states.get(layer)
+        if bufs is None:
+            if self.pool is not None:
+                bufs = tuple(b[self.slot] for b in self.pool.state(layer, shapes))
+            else:
+                bufs = _zeros(shapes, self.device)
+            self._states[layer] = bufs
+        return bufs
 
     def pooled(self, layer: int) -> bool:
         """Whether ``layer``'s buffers are this sequence's row of its pool (not grown out of it)."""
@@ -171,8 +205,12 @@ class SeqKV:
             self.pool.give_back(self.slot)
             self.pool = None
         self._layers = [None] * len(self._layers)
+        self._states = {}
 
     def nbytes(self) -> int:
         """Bytes of this sequence's own buffers (a pool row counts in the pool)."""
-        return sum(b.numel() * b.element_size() for i, bufs in enumerate(self._layers)
-                   if bufs and not self.pooled(i) for b in bufs)
+        kv = sum(b.numel() * b.element_size() for i, bufs in enumerate(self._layers)
+                 if bufs and not self.pooled(i) for b in bufs)
+        if self.pool is not None:
+            return kv
+        return kv + sum(b.numel() * b.element_size() for bufs in self._states.values() for b in bufs)

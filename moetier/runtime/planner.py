@@ -75,10 +75,13 @@ class ModelCost:
     dense_bytes: int  # resident weights (the experts too when they are not offloaded)
     row_s: float = 2e-5  # per sampled token: sampler, detokenizer, stop rules (measured by the planner)
     expert_quant: Optional[tuple[str, float]] = None  # quantized experts: (kind, region bytes per parameter)
+    state_bytes_per_seq: int = 0  # fixed per sequence, whatever its length (linear-attention layers' states)
+    kv_layers: Optional[int] = None  # layers that attend over a KV cache (None: all)
 
     @classmethod
     def of(cls, model, expert_layout=None) -> "ModelCost":
         from ..experts.setup import dense_bytes, kv_bytes_per_token, moe_blocks
+        from .cache_spec import state_bytes_per_seq
         from ..models.moe import ExpertsBase
 
         args = model.args
@@ -109,7 +112,9 @@ class ModelCost:
         return cls(linears=linears, head=head, moe_layers=len(blocks), experts=E, top_k=k, expert_params=per,
                    layers=args.num_hidden_layers, hidden=args.hidden_size, vocab=args.vocab_size,
                    attn_flops_per_pair=2.0 * hq * (dqk + dv), kv_bytes_per_token=kv_bytes_per_token(args, p.dtype),
-                   elem=p.dtype.itemsize, dense_bytes=dense_bytes(model), expert_quant=quant)
+                   elem=p.dtype.itemsize, dense_bytes=dense_bytes(model), expert_quant=quant,
+                   state_bytes_per_seq=state_bytes_per_seq(args, p.dtype),
+                   kv_layers=sum(c.kind == "kv" for c in args.layer_caches(p.dtype)))
 
     @property
     def expert_bytes(self) -> int:
@@ -188,8 +193,9 @@ class ModelCost:
         # decoding sequences attend together, one call per layer (on the KV pool); prompt chunks one each
         group = s.decode if s.decode >= 2 else 0.0
         calls = (s.seqs - group) * prof.attn_call_s + (prof.attn_group_s if group else 0.0)
-        attn = self.layers * (calls + max(s.pairs * self.attn_flops_per_pair / prof.attn_flops,
-                                          s.ctx * self.kv_bytes_per_token / self.layers / prof.copy_bps))
+        att = self.layers if self.kv_layers is None else self.kv_layers
+        attn = att * (calls + max(s.pairs * self.attn_flops_per_pair / prof.attn_flops,
+                                  s.ctx * self.kv_bytes_per_token / max(att, 1) / prof.copy_bps))
         other = (self.layers * (prof.layer_s + 24 * T * self.hidden * e / prof.copy_bps)
                  + s.seqs * prof.seq_s)
         head = (self.matmul_s(s.rows, self.head, prof) if s.rows else 0.0) \
@@ -395,7 +401,7 @@ class Planner:
         c = self.cost
         if job.n == 0:
             raise MoetierError("nothing to plan: no sequences")
-        reserve = [job.reserve_tokens(i) * c.kv_bytes_per_token for i in range(job.n)]
+        reserve = [job.reserve_tokens(i) * c.kv_bytes_per_token + c.state_bytes_per_seq for i in range(job.n)]
         biggest, mean_reserve = max(reserve), sum(reserve) / job.n
         slot_options: list[Optional[int]] = [None]
         if self.offloaded:

@@ -25,6 +25,16 @@ def _float(name: str, v) -> float:
     return float(v)
 
 
+def _confidence_stop(value, logprobs) -> tuple[str, float]:
+    """``(rule, threshold)``, checked: rule "min" or "product", threshold in (0, 1), logprobs asked for."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and value[0] in ("min", "product")
+            and isinstance(value[1], (int, float)) and not isinstance(value[1], bool) and 0 < value[1] < 1):
+        raise ValueError(f"confidence_stop must be (\"min\" or \"product\", a threshold in (0, 1)), got {value!r}")
+    if logprobs is None:
+        raise ValueError("confidence_stop needs logprobs (0 or more)")
+    return value[0], float(value[1])
+
+
 def _logit_bias(bias) -> dict[int, float]:
     """``{token id: bias}`` from ints or the string keys of a JSON body; values in [-100, 100]."""
     if not isinstance(bias, dict):
@@ -72,6 +82,10 @@ class SamplingParams:
         structured_outputs: a :class:`~moetier.runtime.structured.StructuredOutputsParams` (or its
             dict, e.g. ``{"json": schema}``, ``{"regex": ...}``, ``{"choice": [...]}``) the output must
             match; the grammar masks the logits each step.
+        confidence_stop: ``(rule, threshold)`` with rule ``"min"`` or ``"product"`` of the chosen
+            tokens' probabilities (moetier's cascades): end the output, ``finish_reason`` ``"abort"``
+            and ``stop_reason`` ``"low_confidence"``, as soon as that confidence is below
+            ``threshold`` (in (0, 1)) -- it can only fall as tokens are added. Needs ``logprobs``.
 
     Every field is checked on construction; a ValueError names the field at fault.
     """
@@ -95,6 +109,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: Optional[dict[int, float]] = None
     structured_outputs: Optional["StructuredOutputsParams"] = None
+    confidence_stop: Optional[tuple] = None
 
     def __post_init__(self):
         for name in ("n", "top_k", "min_tokens"):
@@ -140,6 +155,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logit_bias is not None:
             self.logit_bias = _logit_bias(self.logit_bias)
+        if self.confidence_stop is not None:
+            self.confidence_stop = _confidence_stop(self.confidence_stop, self.logprobs)
         if self.structured_outputs is not None:
             from .structured import StructuredOutputsParams
 

@@ -8,6 +8,7 @@ gives the same tokens whichever runner serves it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,6 +48,7 @@ class Sequence:
         self.processor = LogitsProcessor(params, self.prompt_ids, self.out.token_ids, tokenizer)
         self._sent = 0  # characters of out.text already reported
         self._hold = max((len(s) for s in params.stop), default=1) - 1  # could be a stop string's start
+        self._confidence = None  # confidence_stop: the running min or sum of the chosen tokens' logprobs
 
     @property
     def finished(self) -> bool:
@@ -63,7 +65,9 @@ class Sequence:
         self.pending = [tok]
         out.text += self.detok.add(tok)
         n = len(out.token_ids)
-        if n >= p.min_tokens and (tok in p.stop_token_ids or (not p.ignore_eos and tok in eos)):
+        if p.confidence_stop is not None and self._unsure(choice.logprob):
+            out.finish_reason, out.stop_reason = "abort", "low_confidence"
+        elif n >= p.min_tokens and (tok in p.stop_token_ids or (not p.ignore_eos and tok in eos)):
             out.finish_reason, out.stop_reason = "stop", (tok if tok in p.stop_token_ids else None)
         elif p.stop and n >= p.min_tokens and self._match_stop():
             pass
@@ -71,6 +75,16 @@ class Sequence:
             out.finish_reason = "stop"
         elif (p.max_tokens is not None and n >= p.max_tokens) or len(self.prompt_ids) + n >= self.max_len:
             out.finish_reason = "length"
+
+    def _unsure(self, logprob: float) -> bool:
+        """Whether the output's confidence (``confidence_stop``) is now below its threshold. The running min and
+        the running sum (summed in token order, as the cascade sums them) of log-probabilities <= 0 only fall, so
+        this is the decision the whole output would get."""
+        rule, threshold = self.params.confidence_stop
+        c = self._confidence
+        c = logprob if c is None else (min(c, logprob) if rule == "min" else c + logprob)
+        self._confidence = c
+        return math.exp(c) < threshold
 
     def _match_stop(self) -> bool:
         text = self.out.text

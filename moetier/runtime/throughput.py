@@ -114,14 +114,19 @@ class ThroughputRunner:
         expert store back as the latency engine had it.
         """
         e = self.engine
-        from ..experts.setup import kv_bytes_per_token
+        from .cache_spec import kv_bytes_per_token, state_bytes_per_seq
 
         kv_tok = kv_bytes_per_token(e.model.args, e.dtype)
+        state_seq = state_bytes_per_seq(e.model.args, e.dtype)  # fixed per sequence (linear-attention layers)
+
+        def need_of(s: Sequence) -> int:
+            return self.reserve_tokens(s) * kv_tok + state_seq
+
         for s in seqs:
-            if self.reserve_tokens(s) * kv_tok > plan.kv_budget:
+            if need_of(s) > plan.kv_budget:
                 raise MoetierError(
                     f"a sequence of {self.reserve_tokens(s)} tokens (prompt + max_tokens) needs "
-                    f"{fmt_size(self.reserve_tokens(s) * kv_tok)} of KV cache, more than the plan's KV budget "
+                    f"{fmt_size(need_of(s))} of KV cache, more than the plan's KV budget "
                     f"{fmt_size(plan.kv_budget)}; lower max_tokens or give more memory")
         rep = self.report = RunReport(sequences=len(seqs), prompt_tokens=sum(len(s.prompt_ids) for s in seqs),
                                       predicted_tok_s=plan.predicted_tok_s)
@@ -135,15 +140,16 @@ class ThroughputRunner:
         # budget (decode attention then runs on the pool as it lies); else a cache per sequence
         longest = max((self.reserve_tokens(s) for s in seqs), default=0)
         slots = min(plan.max_seqs, len(seqs))
+        row = longest * kv_tok + state_seq
         pool = KVPool(e.num_layers, slots, longest, e.device, e.dtype) \
-            if seqs and slots * longest * kv_tok <= plan.kv_budget else None
-        rep.kv_pool_bytes = slots * longest * kv_tok if pool is not None else 0
+            if seqs and slots * row <= plan.kv_budget else None
+        rep.kv_pool_bytes = slots * row if pool is not None else 0
         ctx = scan_offload(e.offload, plan.expert_slots) if e.offload is not None else nullcontext(None)
         try:
             with ctx as hooks:
                 while waiting or running:
                     while waiting and len(running) < plan.max_seqs:
-                        need = self.reserve_tokens(waiting[0]) * kv_tok
+                        need = need_of(waiting[0])
                         if reserved + need > plan.kv_budget:
                             break
                         s = waiting.popleft()
@@ -167,7 +173,7 @@ class ThroughputRunner:
                     if finished:
                         running = [s for s in running if not s.finished]
                         for s in finished:
-                            reserved -= self.reserve_tokens(s) * kv_tok
+                            reserved -= need_of(s)
                             s.kv.release()
                             s.kv = None  # free the cache now
                     rep.seconds = time.perf_counter() - t_start

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import RequestError
-from ..openai_api import ParamError, check_context, prompts_of, sampling_params, text_content
+from ..openai_api import ParamError, check_context, echo_only, prompts_of, sampling_params, text_content
 from . import tools as tools_mod
 from .generation import Job, Run
 from .metrics import Metrics
@@ -344,7 +344,7 @@ async def _generate(st: State, kind: str, req: Union[CompletionRequest, ChatComp
         st.pool.keep_alive(name, keep if keep is not None else st.keep_alive)
         opts = body.get("stream_options") or {}
         job = Job(kind, name, prompts, params, bool(req.stream), bool(opts.get("include_usage")),
-                  echo=kind == "completion" and bool(body.get("echo")), tools=tp)
+                  echo=kind == "completion" and bool(body.get("echo")), echo_only=echo_only(body, kind), tools=tp)
         run = Run(job, entry, st.metrics, t0)
         await run.start()
         status = 200

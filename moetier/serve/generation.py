@@ -4,6 +4,7 @@ messages come back through an asyncio queue, and leave as one body or as server-
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Job:
     stream: bool
     include_usage: bool
     echo: bool = False
+    echo_only: bool = False  # echo with max_tokens 0: the generated token is dropped
     tools: Optional[tools_mod.ToolPlan] = None
 
 
@@ -113,6 +115,8 @@ class Run:
             if kind == "delta":
                 self._tick()
                 yield ("delta", tag, payload)
+            elif kind == "prompt":
+                yield ("prompt", tag, payload)
             elif kind == "done":
                 left -= 1
                 yield ("done", tag, payload)
@@ -135,6 +139,9 @@ class Run:
         for tag in range(len(job.prompts)):
             text, ids = job.prompts[tag]
             for out in done[tag].outs:
+                if job.echo_only:
+                    out = dataclasses.replace(out, text="", token_ids=[], finish_reason="length",
+                                              logprobs=None if out.logprobs is None else [])
                 generated += len(out.token_ids)
                 i = self._index(tag, out.index)
                 if job.kind == "chat":
@@ -152,27 +159,28 @@ class Run:
                                tok, choices=choices, completion_tokens=generated)
 
     async def sse(self) -> AsyncIterator[bytes]:
-        """The stream: role chunks (chat), deltas, tool calls, the usage chunk, ``[DONE]``; a failure
-        after the 200 is an error event, then ``[DONE]``."""
+        """The stream: role chunks (chat), the echoed prompt (with its logprobs), deltas, tool calls
+        as they are generated, the usage chunk, ``[DONE]``; a failure after the 200 is an error
+        event, then ``[DONE]``."""
         job, tok = self.job, self.entry.llm.tokenizer
         rid = new_id(job.kind)
 
         def data(obj) -> bytes:
             return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
-        buffered = job.tools is not None and job.tools.buffered
-        texts: dict[int, str] = {}
+        calls: dict[int, tools_mod.CallStream] = {}  # chat with tools: per choice
+        offset: dict[int, int] = {}  # completions: text_offset of the choice's next token
         done: dict = {}
+        echo_lp = job.echo and job.params.logprobs is not None  # the prompt goes out with its logprobs
         try:
             if job.kind == "chat":  # the role comes first, as OpenAI sends it
                 for tag in range(len(job.prompts)):
                     for j in range(job.params.n):
                         yield data(chunk("chat", job.model, rid, self._index(tag, j), "", None, first=True))
-            elif job.echo:
-                for tag, (text, ids) in enumerate(job.prompts):
+            elif job.echo and not echo_lp:
+                for tag in range(len(job.prompts)):
                     for j in range(job.params.n):
-                        yield data(chunk("completion", job.model, rid, self._index(tag, j),
-                                         _prompt_text(text, ids, tok), None))
+                        yield data(self._echo_chunk(rid, tag, j, None, offset))
             async for ev in self._events(KEEPALIVE_S):
                 if ev[0] == "keepalive":
                     yield b": keep-alive\n\n"
@@ -180,33 +188,51 @@ class Run:
                 if ev[0] == "done":
                     done[ev[1]] = ev[2]
                     continue
+                if ev[0] == "prompt":
+                    if echo_lp:
+                        for j in range(job.params.n):
+                            yield data(self._echo_chunk(rid, ev[1], j, ev[2], offset))
+                    continue
                 tag, (index, text, finish, lps) = ev[1], ev[2]
                 i = self._index(tag, index)
-                if buffered:
-                    texts[i] = texts.get(i, "") + text
-                    if finish is None:
-                        continue
-                    msg = tools_mod.message(job.tools, texts[i])
-                    calls = tools_mod.stream_calls(msg)
-                    if calls:
-                        yield data(chunk("chat", job.model, rid, i, None, None, tool_calls=calls))
-                        finish = "tool_calls"
-                    elif msg.get("content"):
-                        yield data(chunk("chat", job.model, rid, i, msg["content"], None))
-                    yield data(chunk("chat", job.model, rid, i, None, finish))
+                if job.echo_only:  # the one token generated for the prompt's logprobs is not returned
+                    if finish is not None:
+                        yield data(chunk("completion", job.model, rid, i, "", "length"))
                     continue
-                yield data(chunk(job.kind, job.model, rid, i, text, finish,
-                                 logprobs=logprobs_of(job.kind, lps, tok) if lps else None))
+                if job.tools is not None and job.tools.buffered:
+                    cs = calls.setdefault(i, tools_mod.CallStream(job.tools))
+                    for delta in cs.feed(text, final=finish is not None):
+                        yield data(chunk("chat", job.model, rid, i, delta.get("content"), None,
+                                         tool_calls=delta.get("tool_calls")))
+                    if finish is not None:
+                        yield data(chunk("chat", job.model, rid, i, None, "tool_calls" if cs.called else finish))
+                    continue
+                lp = None
+                if lps:
+                    lp = logprobs_of(job.kind, lps, tok, offset.get(i, 0))
+                offset[i] = offset.get(i, 0) + len(text)
+                yield data(chunk(job.kind, job.model, rid, i, text, finish, logprobs=lp))
             self._finished(done)
             if job.include_usage:
-                yield data(usage_chunk(job.kind, job.model, rid, sum(len(ids) for _, ids in job.prompts),
-                                       sum(len(o.token_ids) for f in done.values() for o in f.outs)))
+                generated = 0 if job.echo_only else sum(len(o.token_ids) for f in done.values() for o in f.outs)
+                yield data(usage_chunk(job.kind, job.model, rid, sum(len(ids) for _, ids in job.prompts), generated))
             yield data("[DONE]")
         except APIError as e:
             yield data(e.body())
             yield data("[DONE]")
         finally:
             self.abort()
+
+    def _echo_chunk(self, rid: str, tag: int, j: int, prompt_logprobs, offset: dict) -> dict:
+        """The streamed echo of prompt ``tag`` for its choice ``j`` (with the prompt's logprobs when
+        ``prompt_logprobs`` is given)."""
+        job, tok = self.job, self.entry.llm.tokenizer
+        text, ids = job.prompts[tag]
+        i = self._index(tag, j)
+        shown = _prompt_text(text, ids, tok)
+        lp = None if prompt_logprobs is None else echo_logprobs(ids, prompt_logprobs, job.params.logprobs, [], tok)
+        offset[i] = len(shown) if lp is None else sum(len(t) for t in lp["tokens"])  # as the body counts them
+        return chunk("completion", job.model, rid, i, shown, None, logprobs=lp)
 
 
 def _prompt_text(text: Optional[str], ids: list[int], tokenizer) -> str:

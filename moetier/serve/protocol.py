@@ -197,36 +197,35 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
+    logprobs: Optional[dict[str, Any]] = None
+    finish_reason: Optional[str] = None
+
+
+class _Response(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+
+
+class CompletionChoice(_Choice):
     text: str
-    logprobs: Optional[dict[str, Any]] = None
-    finish_reason: Optional[str] = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_Response):
     object: str = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: dict[str, Any]
-    logprobs: Optional[dict[str, Any]] = None
-    finish_reason: Optional[str] = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: str = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
 
 
 class TokenizeResponse(BaseModel):

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 # messages put on a request's queue, in order:
 #   ("started", None)                     the engine took the request
+#   ("prompt", prompt_logprobs)           with SamplingParams(prompt_logprobs=k), before the first delta
 #   ("delta", (index, text, finish, lps)) new text for completion ``index`` (finish: None or a reason;
 #                                         lps: logprob entries of the tokens since the last delta, or None)
 #   ("done", Finished)                    every completion finished
@@ -34,6 +35,7 @@ class _Live:
     out: "queue.Queue"
     seqs: list = field(default_factory=list)
     sent_logprobs: dict = field(default_factory=dict)  # completion index -> logprob entries already sent
+    prompt_sent: bool = False
 
     def new_logprobs(self, out) -> "list | None":
         if out.logprobs is None:
@@ -142,6 +144,10 @@ class EngineWorker:
             for ev in events:
                 live = self._live.get(ev.seq.request_id)
                 if live is not None and (ev.delta or ev.finished):
+                    sink = live.seqs[0].prompt_sink
+                    if sink is not None and not live.prompt_sent:  # its prompt has run whole by now
+                        live.prompt_sent = True
+                        live.out.put(("prompt", sink.entries))
                     out = ev.seq.out
                     live.out.put(("delta", (out.index, ev.delta, out.finish_reason, live.new_logprobs(out))))
             for rid, live in list(self._live.items()):

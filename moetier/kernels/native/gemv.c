@@ -16,6 +16,7 @@
  *
  * Every kernel has a plain-C twin (compiled on any CPU); mt_features() says which are vectorized.
  */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,9 +37,13 @@
 #endif
 
 enum { SK_F32 = 0, SK_BF16 = 1, SK_F16 = 2 };
-/* Rows are read 4 at a time; the hardware prefetchers stop at 4 KiB pages, which a block of 4 short rows
- * often spans, so each load also prefetches the same column PF_ROWS rows further on. */
-#define PF_ROWS 8
+/* A weight is read once, row after row, in address order: one stream per thread, which the hardware
+ * prefetchers follow (several rows read side by side, a few KiB apart, read at half the rate on
+ * some CPUs); each row is multiplied by every input row while it is in L1. Each load also
+ * prefetches PF_AHEAD bytes further on in the same stream. */
+#ifndef PF_AHEAD
+#define PF_AHEAD 1024
+#endif
 enum { OUT_F32 = 0, OUT_BF16 = 1 };
 enum { F_BF16 = 1, F_INT8 = 2, F_INT4 = 4, F_BF16DOT = 8 };
 
@@ -238,37 +243,34 @@ static float dot_int8_ref(const int8_t *w, const void *s, int sk, int64_t G, int
 }
 
 #ifdef MT_VNNI
-/* 4 rows at once; G == K (per-row scale applied by the caller) or G == 32 or G % 64 == 0. */
-static void dot_int8_4(const int8_t *w, int64_t ldw, const void *s, int sk, int64_t lds, int64_t G, int64_t K,
-                       const qrow *r, float out[4]) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+/* One weight row against R (1..4) quantized input rows: out[r] = sum over k (not yet per-row scaled when
+ * G == K). G == K, G == 32 or G % 64 == 0. */
+static inline __attribute__((always_inline)) void dot_int8_row(const int8_t *w, const void *s, int sk, int64_t G,
+                                                               int64_t K, const qrow *const *x, const int R,
+                                                               float *out) {
+    __m512 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const __m512i zero = _mm512_setzero_si512();
     int64_t n64 = (K + 63) / 64;
     for (int64_t c = 0; c < n64; c++) {
         __mmask64 lm = (c * 64 + 64 <= K) ? ~0ull : ((1ull << (K - c * 64)) - 1);
-        __m512i a = _mm512_loadu_si512(r->absq + c * 64);
-        __mmask64 neg = r->neg[c];
-        __m512 sc = _mm512_loadu_ps(r->dv + c * 16);
-        for (int i = 0; i < 4; i++) {
-            _mm_prefetch((const char *)(w + (i + PF_ROWS) * ldw + c * 64), _MM_HINT_T0);
-            __m512i wv = _mm512_maskz_loadu_epi8(lm, w + i * ldw + c * 64);
-            wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
-            __m512i dp = _mm512_dpbusd_epi32(zero, a, wv);
-            __m512 f = _mm512_cvtepi32_ps(dp);
-            if (G != K) {
-                __m512 ws;
-                if (G == 32) {
-                    float s0 = scale_at(s, sk, i * lds + 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, i * lds + 2 * c + 1) : 0.f;
-                    ws = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
-                } else {
-                    ws = _mm512_set1_ps(scale_at(s, sk, i * lds + (c * 64) / G));
-                }
-                f = _mm512_mul_ps(f, ws);
-            }
-            acc[i] = _mm512_fmadd_ps(f, sc, acc[i]);
+        _mm_prefetch((const char *)(w + c * 64 + PF_AHEAD), _MM_HINT_T0);
+        __m512i wv0 = _mm512_maskz_loadu_epi8(lm, w + c * 64);
+        __m512 ws = _mm512_set1_ps(1.f);
+        if (G == 32) {
+            float s0 = scale_at(s, sk, 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, 2 * c + 1) : 0.f;
+            ws = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+        } else if (G != K) {
+            ws = _mm512_set1_ps(scale_at(s, sk, (c * 64) / G));
+        }
+        for (int r = 0; r < R; r++) {
+            __m512i wv = _mm512_mask_sub_epi8(wv0, x[r]->neg[c], zero, wv0);
+            __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(x[r]->absq + c * 64), wv));
+            if (G != K) f = _mm512_mul_ps(f, ws);
+            acc[r][c & 1] = _mm512_fmadd_ps(f, _mm512_loadu_ps(x[r]->dv + c * 16), acc[r][c & 1]);
         }
     }
-    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 #endif
 
@@ -292,61 +294,77 @@ static float dot_int4_ref(const uint8_t *w, const void *sz, int sk, int64_t G, i
     return acc;
 }
 
+/* Per weight: where lane j (block j of 16) finds its (scale, zero) pair among a group of blocks' pairs. */
+typedef struct {
+    int32_t is[16], iz[16];
+} int4_lanes;
+
+static void int4_lanes_make(int4_lanes *c, int64_t G) {
+    for (int j = 0; j < 16; j++) {
+        c->is[j] = 2 * (int32_t)((j * 32) / (G < 512 ? G : 512));
+        c->iz[j] = c->is[j] + 1;
+    }
+}
+
 #ifdef MT_VNNI
-static void dot_int4_4(const uint8_t *w, int64_t ldw, const void *sz, int sk, int64_t lds, int64_t G, int64_t K,
-                       const qrow *r, float out[4]) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8((char)0xf0);
+/* One int4 weight row (int4_pos order) against R (1..4) quantized input rows. */
+static inline __attribute__((always_inline)) void dot_int4_row(const uint8_t *w, const void *sz, int sk, int64_t G,
+                                                               int64_t K, const qrow *const *x, const int R,
+                                                               const int4_lanes *c4, float *out) {
+    __m512 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8((char)0xf0), zero = _mm512_setzero_si512();
     const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    int32_t is[16], iz[16];
-    for (int j = 0; j < 16; j++) {
-        is[j] = 2 * (int32_t)((j * 32) / (G < 512 ? G : 512));
-        iz[j] = is[j] + 1;
-    }
-    const __m512i sidx = _mm512_loadu_si512(is), zidx = _mm512_loadu_si512(iz);
+    const __m512i sidx = _mm512_loadu_si512(c4->is), zidx = _mm512_loadu_si512(c4->iz);
     const __m512 eight = _mm512_set1_ps(8.f);
     int64_t nb = K / 32;
     for (int64_t g = 0; g * 16 < nb; g++) {
         int64_t nbk = nb - 16 * g < 16 ? nb - 16 * g : 16, base = 256 * g, step = 4 * nbk;
         __mmask64 m = nbk == 16 ? ~0ull : ((1ull << (4 * nbk)) - 1);
         __mmask16 mb = (__mmask16)((1u << nbk) - 1);
-        __m512i xa[4], xb[4];
+        __m512i wl[4], wh[4];
         for (int t = 0; t < 4; t++) {
-            xa[t] = _mm512_maskz_loadu_epi8(m, r->q4a + base + t * step);
-            xb[t] = _mm512_maskz_loadu_epi8(m, r->q4b + base + t * step);
+            _mm_prefetch((const char *)(w + base + t * step + PF_AHEAD), _MM_HINT_T0);
+            __m512i wv = _mm512_maskz_loadu_epi8(m, w + base + t * step);
+            wl[t] = _mm512_and_si512(wv, lo4);
+            wh[t] = _mm512_and_si512(wv, hi4);
         }
-        __m512 xd = _mm512_maskz_loadu_ps(mb, r->d + 16 * g), xs = _mm512_maskz_loadu_ps(mb, r->xs + 16 * g);
-        int64_t p0 = 2 * ((16 * g * 32) / G);                  /* first (scale, zero) of this group of blocks */
-        int64_t npair = (nbk * 32 + G - 1) / G;                 /* pairs it spans */
-        for (int i = 0; i < 4; i++) {
-            const uint8_t *wr = w + i * ldw + base;
-            __m512i L = _mm512_setzero_si512(), Hh = _mm512_setzero_si512();
-            for (int t = 0; t < 4; t++) {
-                _mm_prefetch((const char *)(wr + PF_ROWS * ldw + t * step), _MM_HINT_T0);
-                __m512i wv = _mm512_maskz_loadu_epi8(m, wr + t * step);
-                L = _mm512_dpbusd_epi32(L, _mm512_and_si512(wv, lo4), xa[t]);
-                Hh = _mm512_dpbusd_epi32(Hh, _mm512_and_si512(wv, hi4), xb[t]);  /* 16 x the high nibbles' */
-            }
-            __m512 S = _mm512_cvtepi32_ps(_mm512_add_epi32(L, _mm512_srai_epi32(Hh, 4)));
-            __m512 sc, ze;
-            const char *sr = (const char *)sz + (i * lds + p0) * (sk == SK_F32 ? 4 : 2);
-            if (G == 32) {
-                int64_t nh = 2 * npair;
-                __m512 a = load_scales16(sr, sk, 0, (__mmask16)(nh >= 16 ? 0xffff : (1u << nh) - 1));
-                __m512 b = load_scales16(sr, sk, 16, (__mmask16)(nh > 16 ? (1u << (nh - 16)) - 1 : 0));
-                sc = _mm512_permutex2var_ps(a, ev, b);
-                ze = _mm512_permutex2var_ps(a, od, b);
-            } else {
-                __m512 a = load_scales16(sr, sk, 0, (__mmask16)((1u << (2 * npair)) - 1));
-                sc = _mm512_permutexvar_ps(sidx, a);
-                ze = _mm512_permutexvar_ps(zidx, a);
-            }
-            acc[i] = _mm512_fmadd_ps(S, _mm512_mul_ps(sc, xd), acc[i]);
-            acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, sc, ze), xs, acc[i]);
+        int64_t p0 = 2 * ((16 * g * 32) / G);   /* first (scale, zero) of this group of blocks */
+        int64_t npair = (nbk * 32 + G - 1) / G;  /* pairs it spans */
+        const char *sr = (const char *)sz + p0 * (sk == SK_F32 ? 4 : 2);
+        __m512 sc, ze;
+        if (G == 32) {
+            int64_t nh = 2 * npair;
+            __m512 a = load_scales16(sr, sk, 0, (__mmask16)(nh >= 16 ? 0xffff : (1u << nh) - 1));
+            __m512 b = load_scales16(sr, sk, 16, (__mmask16)(nh > 16 ? (1u << (nh - 16)) - 1 : 0));
+            sc = _mm512_permutex2var_ps(a, ev, b);
+            ze = _mm512_permutex2var_ps(a, od, b);
+        } else {
+            __m512 a = load_scales16(sr, sk, 0, (__mmask16)((1u << (2 * npair)) - 1));
+            sc = _mm512_permutexvar_ps(sidx, a);
+            ze = _mm512_permutexvar_ps(zidx, a);
+        }
+        __m512 zc = _mm512_fnmadd_ps(eight, sc, ze);
+        for (int r = 0; r < R; r++) {
+            const qrow *q = x[r];
+            /* two independent chains each for the low and the high nibbles */
+            __m512i L0 = _mm512_dpbusd_epi32(zero, wl[0], _mm512_maskz_loadu_epi8(m, q->q4a + base));
+            __m512i L1 = _mm512_dpbusd_epi32(zero, wl[1], _mm512_maskz_loadu_epi8(m, q->q4a + base + step));
+            __m512i H0 = _mm512_dpbusd_epi32(zero, wh[0], _mm512_maskz_loadu_epi8(m, q->q4b + base));
+            __m512i H1 = _mm512_dpbusd_epi32(zero, wh[1], _mm512_maskz_loadu_epi8(m, q->q4b + base + step));
+            L0 = _mm512_dpbusd_epi32(L0, wl[2], _mm512_maskz_loadu_epi8(m, q->q4a + base + 2 * step));
+            L1 = _mm512_dpbusd_epi32(L1, wl[3], _mm512_maskz_loadu_epi8(m, q->q4a + base + 3 * step));
+            H0 = _mm512_dpbusd_epi32(H0, wh[2], _mm512_maskz_loadu_epi8(m, q->q4b + base + 2 * step));
+            H1 = _mm512_dpbusd_epi32(H1, wh[3], _mm512_maskz_loadu_epi8(m, q->q4b + base + 3 * step));
+            __m512i Hh = _mm512_add_epi32(H0, H1);  /* 16 x the high nibbles' */
+            __m512 S = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(L0, L1), _mm512_srai_epi32(Hh, 4)));
+            __m512 xd = _mm512_maskz_loadu_ps(mb, q->d + 16 * g), xs = _mm512_maskz_loadu_ps(mb, q->xs + 16 * g);
+            acc[r] = _mm512_fmadd_ps(S, _mm512_mul_ps(sc, xd), acc[r]);
+            acc[r] = _mm512_fmadd_ps(zc, xs, acc[r]);
         }
     }
-    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 #endif
 
@@ -359,30 +377,38 @@ static float dot_bf16_ref(const uint16_t *w, const void *x, int x_kind, int64_t 
 }
 
 #ifdef MT_AVX512
-static void dot_bf16_4(const uint16_t *w, int64_t ldw, const uint16_t *xb, const float *xf, int64_t K, float out[4]) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+/* One bf16 weight row against R (1..4) input rows (xb: bf16 copies, xf: float32 copies). */
+static inline __attribute__((always_inline)) void dot_bf16_row(const uint16_t *w, int64_t K, const uint16_t *const *xb,
+                                                               const float *const *xf, const int R, float *out) {
+    __m512 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t k = 0;
 #ifdef MT_BF16DOT
-    for (; k + 32 <= K; k += 32) {
-        __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
-        for (int i = 0; i < 4; i++) {
-            _mm_prefetch((const char *)(w + (i + PF_ROWS) * ldw + k), _MM_HINT_T0);
-            acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(w + i * ldw + k));
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(w + k) + PF_AHEAD, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + k + 32) + PF_AHEAD, _MM_HINT_T0);
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(xb[r] + k), w0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(xb[r] + k + 32), w1);
         }
+    }
+    for (; k + 32 <= K; k += 32) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
+        for (int r = 0; r < R; r++)
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(xb[r] + k), w0);
     }
 #endif
     for (; k + 16 <= K; k += 16) {
-        __m512 xv = _mm512_loadu_ps(xf + k);
-        for (int i = 0; i < 4; i++) {
-            __m256i h = _mm256_loadu_si256((const __m256i *)(w + i * ldw + k));
-            __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-            acc[i] = _mm512_fmadd_ps(wv, xv, acc[i]);
-        }
+        _mm_prefetch((const char *)(w + k) + PF_AHEAD, _MM_HINT_T0);
+        __m256i h = _mm256_loadu_si256((const __m256i *)(w + k));
+        __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        for (int r = 0; r < R; r++) acc[r][k / 16 & 1] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf[r] + k), acc[r][k / 16 & 1]);
     }
-    for (int i = 0; i < 4; i++) {
-        float t = _mm512_reduce_add_ps(acc[i]);
-        for (int64_t j = k; j < K; j++) t += bf16_f32(w[i * ldw + j]) * xf[j];
-        out[i] = t;
+    for (int r = 0; r < R; r++) {
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        for (int64_t j = k; j < K; j++) t += bf16_f32(w[j]) * xf[r][j];
+        out[r] = t;
     }
 }
 #endif
@@ -435,44 +461,87 @@ static int wdesc_ok(const wdesc *w) {
     return w->K % 32 == 0 && w->G % 32 == 0 && w->K % w->G == 0;
 }
 
-/* Outputs n0..n1 (n0 a multiple of 4) of one prepared row into y[n0..n1] (float32). */
-static void rows_dot(const wdesc *w, const xprep *p, int64_t n0, int64_t n1, float *y, int vectorized) {
-    int64_t K = w->K, es = w->sk == SK_F32 ? 4 : 2;
-    for (int64_t n = n0; n < n1; n += 4) {
-        float o[4];
-        int full = vectorized && n + 4 <= n1;
-        if (w->kind == W_BF16) {
-            const uint16_t *wr = (const uint16_t *)w->codes + n * K;
-#ifdef MT_AVX512
-            if (full) { dot_bf16_4(wr, K, p->xb, p->xf, K, o); goto done; }
-#endif
-            for (int i = 0; i < 4 && n + i < n1; i++) o[i] = dot_bf16_ref(wr + i * K, p->xf, OUT_F32, K);
-        } else if (w->kind == W_INT8) {
-            int64_t lds = K / w->G;
-            const int8_t *wr = (const int8_t *)w->codes + n * K;
-            const char *sr = (const char *)w->scales + n * lds * es;
-#ifdef MT_VNNI
-            if (full) { dot_int8_4(wr, K, sr, w->sk, lds, w->G, K, &p->q, o); }
-            else
-#endif
-            for (int i = 0; i < 4 && n + i < n1; i++) o[i] = dot_int8_ref(wr + i * K, sr + i * lds * es, w->sk, w->G, K, &p->q);
-            if (w->G == K)
-                for (int i = 0; i < 4 && n + i < n1; i++) o[i] *= scale_at(w->scales, w->sk, n + i);
-        } else {
-            int64_t lds = 2 * (K / w->G);
-            const uint8_t *wr = (const uint8_t *)w->codes + n * (K / 2);
-            const char *sr = (const char *)w->scales + n * lds * es;
-#ifdef MT_VNNI
-            if (full) { dot_int4_4(wr, K / 2, sr, w->sk, lds, w->G, K, &p->q, o); goto done; }
-#endif
-            for (int i = 0; i < 4 && n + i < n1; i++)
-                o[i] = dot_int4_ref(wr + i * (K / 2), sr + i * lds * es, w->sk, w->G, K, &p->q);
-        }
+/* Weight row n against R (1..4) prepared rows, vectorized (the caller checked the kind runs so here). */
+static inline __attribute__((always_inline)) void row_dot_vec(const wdesc *w, int64_t n, const xprep *p, const int R,
+                                                              const int4_lanes *c4, float *o) {
 #if defined(MT_AVX512)
-    done:
-#endif
-        for (int i = 0; i < 4 && n + i < n1; i++) y[n + i] = o[i];
+    int64_t K = w->K, es = w->sk == SK_F32 ? 4 : 2;
+    const qrow *q[4];
+    const uint16_t *xb[4];
+    const float *xf[4];
+    for (int r = 0; r < R; r++) {
+        q[r] = &p[r].q;
+        xb[r] = p[r].xb;
+        xf[r] = p[r].xf;
     }
+    (void)q; (void)es;
+    if (w->kind == W_BF16) {
+#ifdef MT_AVX512
+        dot_bf16_row((const uint16_t *)w->codes + n * K, K, xb, xf, R, o);
+#endif
+    } else if (w->kind == W_INT8) {
+#ifdef MT_VNNI
+        dot_int8_row((const int8_t *)w->codes + n * K, (const char *)w->scales + n * (K / w->G) * es, w->sk, w->G, K,
+                     q, R, o);
+#endif
+    } else {
+#ifdef MT_VNNI
+        dot_int4_row((const uint8_t *)w->codes + n * (K / 2), (const char *)w->scales + n * 2 * (K / w->G) * es, w->sk,
+                     w->G, K, q, R, c4, o);
+#endif
+    }
+#else
+    (void)w; (void)n; (void)p; (void)R; (void)c4; (void)o;
+#endif
+}
+
+static int kind_vectorized(int kind) {
+#ifdef MT_VNNI
+    if (kind != W_BF16) return 1;
+#endif
+#ifdef MT_AVX512
+    if (kind == W_BF16) return 1;
+#endif
+    return 0;
+}
+
+/* Weight row n against R (1..4) prepared rows: o[r]. */
+static inline void row_dot(const wdesc *w, int64_t n, const xprep *p, int R, const int4_lanes *c4, float *o,
+                           int vectorized) {
+    int64_t K = w->K, es = w->sk == SK_F32 ? 4 : 2;
+    if (vectorized && kind_vectorized(w->kind)) {
+        switch (R) {
+            case 1: row_dot_vec(w, n, p, 1, c4, o); break;
+            case 2: row_dot_vec(w, n, p, 2, c4, o); break;
+            case 3: row_dot_vec(w, n, p, 3, c4, o); break;
+            default: row_dot_vec(w, n, p, 4, c4, o); break;
+        }
+    } else if (w->kind == W_BF16) {
+        for (int r = 0; r < R; r++) o[r] = dot_bf16_ref((const uint16_t *)w->codes + n * K, p[r].xf, OUT_F32, K);
+    } else if (w->kind == W_INT8) {
+        const char *sr = (const char *)w->scales + n * (K / w->G) * es;
+        for (int r = 0; r < R; r++) o[r] = dot_int8_ref((const int8_t *)w->codes + n * K, sr, w->sk, w->G, K, &p[r].q);
+    } else {
+        const char *sr = (const char *)w->scales + n * 2 * (K / w->G) * es;
+        for (int r = 0; r < R; r++)
+            o[r] = dot_int4_ref((const uint8_t *)w->codes + n * (K / 2), sr, w->sk, w->G, K, &p[r].q);
+    }
+    if (w->kind == W_INT8 && w->G == K)
+        for (int r = 0; r < R; r++) o[r] *= scale_at(w->scales, w->sk, n);
+}
+
+/* Outputs n0..n1 of M prepared rows into y[m * N + n] (float32): the weight rows in address order, each against
+ * every input row, 4 at a time. */
+static void rows_dot(const wdesc *w, const xprep *p, int64_t M, int64_t n0, int64_t n1, float *y, int vectorized) {
+    int4_lanes c4;
+    int4_lanes_make(&c4, w->kind == W_INT4 ? w->G : 32);
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m += 4) {
+            int R = M - m < 4 ? (int)(M - m) : 4;
+            float o[4];
+            row_dot(w, n, p + m, R, &c4, o, vectorized);
+            for (int r = 0; r < R; r++) y[(m + r) * w->N + n] = o[r];
+        }
 }
 
 /* Split N outputs (in blocks of 4) over the threads of the current parallel region. */
@@ -499,7 +568,7 @@ static void dot_all(const wdesc *w, const xprep *p, float *y, int threads, int v
     {
         int64_t n0, n1;
         my_rows(w->N, &n0, &n1);
-        rows_dot(w, p, n0, n1, y, vectorized);
+        rows_dot(w, p, 1, n0, n1, y, vectorized);
     }
 }
 
@@ -519,7 +588,7 @@ int mt_gemv(int kind, const void *codes, const void *scales, int sk, int64_t G, 
         {
             int64_t n0, n1;
             my_rows(N, &n0, &n1);
-            for (int64_t m = 0; m < M; m++) rows_dot(&w, &p[m], n0, n1, acc + m * N, vectorized);
+            rows_dot(&w, p, M, n0, n1, acc, vectorized);
         }
         for (int64_t i = 0; i < M * N; i++) store_out(y, out_kind, i, acc[i]);
     }
@@ -752,5 +821,47 @@ int mt_route1(const uint16_t *x, int64_t H, const uint16_t *norm, float eps, con
     }
     xprep_free(&p);
     free(xn); free(lg);
+    return bad ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ a decode token through resident layers */
+
+typedef struct {
+    attn_desc attn;
+    const uint16_t *post_norm;  /* the MoE block's RMSNorm weight, bf16 [H] */
+    float post_eps;
+    int32_t top_k, normalize;
+    wdesc router;               /* [E, H] bf16 */
+    const expert *experts;      /* [E], resident */
+} layer_desc;
+
+/* x[H] (bf16, in place) through layers [0, nl) for one token at `pos` of one sequence, each layer as mt_attn1,
+ * mt_route1 and mt_moe1 over its chosen experts plus the residual add (the per-layer fused path, in one call).
+ * kb[l], vb[l]: layer l's cache buffers of cap[l] positions. */
+int mt_decode1(const layer_desc *L, int nl, uint16_t *x, int64_t pos, const float *cosr, const float *sinr,
+               uint16_t *const *kb, uint16_t *const *vb, const int64_t *cap, int threads) {
+    if (nl <= 0) return -1;
+    int64_t H = L[0].attn.q.K;
+    int kmax = 0;
+    for (int l = 0; l < nl; l++) {
+        if (L[l].attn.q.K != H || L[l].top_k <= 0) return -1;
+        kmax = L[l].top_k > kmax ? L[l].top_k : kmax;
+    }
+    uint16_t *xn = xalloc((size_t)H * 2), *out = xalloc((size_t)H * 2);
+    float *w = xalloc((size_t)kmax * 4);
+    int64_t *id = xalloc((size_t)kmax * 8);
+    expert *ex = xalloc((size_t)kmax * sizeof(expert));
+    int bad = !xn || !out || !w || !id || !ex;
+    for (int l = 0; l < nl && !bad; l++) {
+        const layer_desc *d = &L[l];
+        bad = mt_attn1(&d->attn, x, pos, cosr, sinr, kb[l], vb[l], cap[l], threads) ||
+              mt_route1(x, H, d->post_norm, d->post_eps, &d->router, d->top_k, d->normalize, xn, id, w, threads);
+        if (bad) break;
+        for (int j = 0; j < d->top_k; j++) ex[j] = d->experts[id[j]];
+        bad = mt_moe1(ex, w, d->top_k, xn, OUT_BF16, out, OUT_BF16, threads, 1);
+        if (!bad)
+            for (int64_t i = 0; i < H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + bf16_f32(out[i]));
+    }
+    free(xn); free(out); free(w); free(id); free(ex);
     return bad ? -1 : 0;
 }
