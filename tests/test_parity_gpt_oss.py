@@ -115,6 +115,12 @@ def test_sliding_layers_hold_at_most_the_window(hub):
     batch = ForwardBatch.build(caches, [len(IDS), len(IDS2)], "cpu")
     model(torch.tensor(IDS + IDS2), batch)
     assert [pool.layers[i][0].shape[2] for i in range(n)] == [WINDOW, 64, WINDOW, 64]
+    # and the memory accounting counts each sliding layer's ring, not a position per token
+    from moetier.runtime.cache_spec import kv_bytes_per_token, state_bytes_per_seq
+
+    per_pos = 2 * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 4
+    assert kv_bytes_per_token(hub["args"], torch.float32) == 2 * per_pos
+    assert state_bytes_per_seq(hub["args"], torch.float32) == 2 * WINDOW * per_pos
 
 
 def test_args_defaults_follow_transformers(tmp_path):

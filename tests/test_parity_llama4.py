@@ -98,6 +98,10 @@ def test_chunked_layers_hold_one_chunk(case):
     chunked = [layer.self_attn.chunk is not None for layer in model.model.layers]
     assert any(chunked) and not all(chunked)
     assert [kv.positions_held(i) for i in range(n)] == [4 if c else 32 for c in chunked]
+    # a chunk is taken as it fills: 2 tokens into a sequence a chunked layer holds 2 positions
+    kv = SeqKV(n, 1, "cpu", torch.float32)
+    model(torch.tensor(ids[:2]), ForwardBatch.build([kv], [2], "cpu"))
+    assert [kv.positions_held(i) for i in range(n) if chunked[i]] == [2] * sum(chunked)
 
 
 def test_bfloat16_close_to_transformers_bfloat16(case):

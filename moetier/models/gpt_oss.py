@@ -72,6 +72,15 @@ class ModelArgs(BaseModelArgs):
         if self.swiglu_limit <= 0:
             raise ConfigError(f"config.json: swiglu_limit must be positive, got {self.swiglu_limit}")
 
+    def layer_caches(self, dtype):
+        """Sliding layers hold a ring of ``sliding_window`` positions (a fixed size per sequence,
+        ``runtime/cache_spec.py``), full layers keys and values of every position."""
+        from ..runtime.cache_spec import kv, state
+
+        full = kv(2 * self.num_key_value_heads * self.head_dim * dtype.itemsize)
+        part = ((self.num_key_value_heads, self.sliding_window or 0, self.head_dim), dtype)
+        return [full if self.window(i) is None else state(part, part) for i in range(self.num_hidden_layers)]
+
     def window(self, layer: int) -> Optional[int]:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 

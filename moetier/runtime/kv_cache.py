@@ -156,8 +156,8 @@ class SeqKV:
         ``start..start+n-1``) and returns ``(views, first)``: the current chunk's earlier keys and the new
         ones, in position order, ``first`` being the position of the first."""
         n = parts[0].shape[1]
-        bufs = self._ring(layer, chunk, parts)
         first, have = (start // chunk) * chunk, start % chunk
+        bufs = self._ring(layer, chunk, parts, need=chunk if have + n > chunk else have + n)
         if n == 1:
             for buf, part in zip(bufs, parts):
                 buf[:, have].copy_(part[:, 0])
@@ -169,16 +169,27 @@ class SeqKV:
             buf[:, slots] = part[:, n - keep :]
         return views, first
 
-    def _ring(self, layer: int, size: int, parts) -> tuple[torch.Tensor, ...]:
-        """``layer``'s ring buffers of ``size`` positions (each ``[heads, size, dim]``), made on first use."""
+    def _ring(self, layer: int, size: int, parts, need: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+        """``layer``'s ring buffers of ``size`` positions (each ``[heads, size, dim]``), made on first use.
+        With ``need``, the buffers start smaller (the pool's rows, or ``need``) and grow by doubling,
+        never past ``size``, to hold slots ``0..need-1`` (a chunk of 8192 positions is not taken at once)."""
         bufs = self._layers[layer]
-        if bufs is None:
-            if self.pool is not None:
-                bufs = tuple(b[self.slot] for b in self.pool.layer(layer, parts, capacity=size))
-            else:
-                bufs = tuple(torch.zeros((p.shape[0], size, p.shape[2]), dtype=self.dtype, device=self.device)
-                             for p in parts)
-            self._layers[layer] = bufs
+        if bufs is None and self.pool is not None:
+            cap = size if need is None else min(size, self.pool.capacity)
+            bufs = tuple(b[self.slot] for b in self.pool.layer(layer, parts, capacity=cap))
+        elif bufs is None and need is None:
+            bufs = tuple(torch.zeros((p.shape[0], size, p.shape[2]), dtype=self.dtype, device=self.device)
+                         for p in parts)
+        if need is not None and (bufs is None or bufs[0].shape[1] < need):
+            cap = bufs[0].shape[1] if bufs is not None else 1
+            cap = min(size, max(need, 2 * cap))
+            new = tuple(torch.zeros((p.shape[0], cap, p.shape[2]), dtype=self.dtype, device=self.device)
+                        for p in parts)
+            for n_buf, o_buf in zip(new, bufs or ()):
+                n_buf[:, : o_buf.shape[1]].copy_(o_buf)
+            bufs = new
+            self._outgrown.add(layer)
+        self._layers[layer] = bufs
         return bufs
 
     def positions_held(self, layer: int) -> int:
