@@ -61,6 +61,8 @@ IDS2 = [9, 31, 2, 77, 54, 110, 8]
 GREEDY_TOKENS = 16
 PARAMS = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 _BUILT: dict = {}
 
 
