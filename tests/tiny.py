@@ -84,12 +84,19 @@ def reference_greedy(folder: Path, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def moetier_logits(model, ids: list[int], split: int | None = None) -> torch.Tensor:
+def moetier_logits(model, ids: list[int], split: int | None = None, chunks: list[int] | None = None,
+                   capacity: int = 8) -> torch.Tensor:
     """moetier's logits for every position; ``split`` prefills ``ids[:split]`` first, then
-    feeds the rest one step at a time through the KV cache."""
-    kv = SeqKV(len(model.model.layers), 8, next(model.parameters()).device, next(model.parameters()).dtype)
-    split = len(ids) if split is None else split
-    chunks = [ids[:split]] + [[t] for t in ids[split:]]
+    feeds the rest one step at a time through the KV cache. ``chunks``: feed chunks of these
+    sizes instead (prompt chunks starting mid-sequence). ``capacity``: the cache's first size."""
+    kv = SeqKV(len(model.model.layers), capacity, next(model.parameters()).device, next(model.parameters()).dtype)
+    if chunks is not None:
+        assert sum(chunks) == len(ids)
+        cuts = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
+        chunks = [ids[a:b] for a, b in zip(cuts, cuts[1:])]
+    else:
+        split = len(ids) if split is None else split
+        chunks = [ids[:split]] + [[t] for t in ids[split:]]
     rows = []
     for chunk in chunks:
         b = ForwardBatch.build([kv], [len(chunk)], kv.device)

@@ -10,7 +10,6 @@ store the experts already stacked (``input_linear`` ``[E, 2I, H]``, ``output_lin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

@@ -11,7 +11,7 @@ with that base, as transformers computes it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import ConfigError
 from . import Family
