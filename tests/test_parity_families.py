@@ -259,6 +259,27 @@ def test_hunyuan_ntk_alpha_rope_matches_transformers(tmp_path_factory):
     assert [b.gate.top_k for b in case["model"].modules() if isinstance(b, SparseMoeBlock)] == [2, 3, 2]
 
 
+def _longrope(mscale_long: float = 1.2) -> dict:
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+            "short_factor": [1.0 + 0.3 * i for i in range(8)], "long_factor": [2.0 + i for i in range(8)],
+            "short_mscale": 1.2, "long_mscale": mscale_long}
+
+
+def test_phimoe_longrope_matches_transformers(tmp_path):
+    """Phi-3.5-MoE's longrope (short factors and mscale, as transformers computes it), on a prompt
+    that runs past original_max_position_embeddings."""
+    folder = make_checkpoint(tmp_path / "ckpt", "phimoe", dict(CONFIGS["phimoe"], rope_parameters=_longrope()))
+    ids = [(7 * i + 3) % 128 for i in range(40)]
+    model, args, _ = load_model(folder, dtype="float32")
+    assert args.rope.kind == "longrope" and args.max_position_embeddings == 256
+    ref = reference_logits(folder, ids)
+    assert_logits_close(moetier_logits(model, ids), ref)
+    assert_logits_close(moetier_logits(model, ids, split=30), ref)
+    (tmp_path / "config.json").write_text(json.dumps(dict(CONFIGS["phimoe"], model_type="phimoe",
+                                                          rope_parameters=_longrope(mscale_long=1.5))))
+    assert load_args(tmp_path)[1].max_position_embeddings == 32  # the long mscale is not reproduced: capped
+
+
 @pytest.mark.parametrize("model_type, over, words", [
     ("glm4_moe", dict(partial_rotary_factor=0.1), "partial_rotary_factor"),
     ("glm4_moe", dict(n_routed_experts=8, n_group=3), "n_group"),
@@ -269,6 +290,8 @@ def test_hunyuan_ntk_alpha_rope_matches_transformers(tmp_path_factory):
     ("ernie4_5_moe", dict(moe_num_experts=4, moe_k=5), "moe_k"),
     ("granitemoe", dict(num_local_experts=2, num_experts_per_tok=3), "num_experts_per_tok"),
     ("phimoe", dict(num_experts_per_tok=4), "always picks 2"),
+    ("phimoe", dict(rope_parameters=dict(_longrope(), short_factor=[1.0])), "short_factor"),
+    ("phimoe", dict(rope_parameters=dict(rope_type="yarn", factor=2.0)), "rope type 'yarn'"),
     ("hunyuan_v1_moe", dict(num_experts=4, moe_topk=[2]), "moe_topk"),
     ("hunyuan_v1_moe", dict(num_experts=[4, 4]), "num_experts"),
 ])

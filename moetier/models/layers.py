@@ -70,6 +70,15 @@ def _yarn_inv_freq(rope: RopeArgs, dim: int, max_pos: int) -> tuple[torch.Tensor
     return inv_freq, float(attn_factor)
 
 
+def _short_longrope_inv_freq(rope: RopeArgs, dim: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE's short factors, scaled by ``short_mscale``: the rope transformers' Phi-MoE computes at
+    every length (its long factors are never used; a family allows ``longrope`` only where that holds)."""
+    p = rope.params
+    idx = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (torch.tensor(p["short_factor"], dtype=torch.float32) * rope.theta**idx)
+    return inv_freq, float(p["short_mscale"])
+
+
 class Rotary(nn.Module):
     """Rotary position embedding with a lazily grown cos/sin table.
 
@@ -95,6 +104,8 @@ class Rotary(nn.Module):
     def _build(self, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope.kind == "yarn":
             inv_freq, scale = _yarn_inv_freq(self.rope, self.dim, self.max_pos)
+        elif self.rope.kind == "longrope":
+            inv_freq, scale = _short_longrope_inv_freq(self.rope, self.dim)
         else:
             idx = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float()
             inv_freq, scale = 1.0 / (self.rope.theta ** (idx / self.dim)), 1.0
