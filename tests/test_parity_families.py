@@ -23,35 +23,11 @@ from moetier import LLM, ConfigError, SamplingParams
 from moetier.models import fused
 from moetier.models.moe import SparseMoeBlock
 from moetier.weights.loader import load_args, load_model
-from tiny import (assert_logits_close, fixed_machine_profile, make_checkpoint, moetier_logits, reference_greedy,
-                  reference_logits)
+from tiny import (MORE_FAMILY_CONFIGS, assert_logits_close, fixed_machine_profile, make_checkpoint, moetier_logits,
+                  reference_greedy, reference_logits)
+from tiny import _COMMON as COMMON
 
-COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256)
-CONFIGS = {
-    "glm4_moe": dict(
-        COMMON, num_hidden_layers=3, head_dim=24, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
-        routed_scaling_factor=1.5, attention_bias=True, use_qk_norm=True),
-    "dots1": dict(
-        COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True, attention_bias=True,
-        sliding_window=5, max_window_layers=1),
-    # sparse layers: (i + 1) % 2 == 0 within 1..2, so only layer 1; layer 3 is past the end index
-    "ernie4_5_moe": dict(
-        COMMON, num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8, moe_k=2,
-        moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=2,
-        use_bias=True, tie_word_embeddings=False),
-    "granitemoe": dict(
-        COMMON, num_hidden_layers=3, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
-        embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=3.0),
-    "phimoe": dict(
-        COMMON, num_hidden_layers=3, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
-        sliding_window=5, attention_bias=True, lm_head_bias=True),
-    "hunyuan_v1_moe": dict(
-        COMMON, num_hidden_layers=3, head_dim=16, intermediate_size=32, num_experts=6, moe_topk=[2, 3, 2],
-        attention_bias=True, rope_scaling={"type": "dynamic", "alpha": 50.0, "factor": 1.0}),
-}
+CONFIGS = MORE_FAMILY_CONFIGS
 LAYOUTS = ("hub", "fused")
 CASES = [(f, layout) for f in CONFIGS for layout in LAYOUTS]
 IDS = [5, 17, 99, 3, 42, 42, 7, 120, 64, 1, 88, 23]

@@ -158,6 +158,33 @@ FAMILY_CONFIGS = {
                         qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1),
 }
 
+# The families added with issue 15, one config each exercising its distinctive parts
+# (tests/test_parity_families.py); kept apart so the heavier suites above stay as they were
+MORE_FAMILY_CONFIGS = {
+    "glm4_moe": dict(
+        _COMMON, num_hidden_layers=3, head_dim=24, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        routed_scaling_factor=1.5, attention_bias=True, use_qk_norm=True),
+    "dots1": dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True, attention_bias=True,
+        sliding_window=5, max_window_layers=1),
+    # sparse layers: (i + 1) % 2 == 0 within 1..2, so only layer 1; layer 3 is past the end index
+    "ernie4_5_moe": dict(
+        _COMMON, num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8, moe_k=2,
+        moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=2,
+        use_bias=True, tie_word_embeddings=False),
+    "granitemoe": dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
+        embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=3.0),
+    "phimoe": dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
+        sliding_window=5, attention_bias=True, lm_head_bias=True),
+    "hunyuan_v1_moe": dict(
+        _COMMON, num_hidden_layers=3, head_dim=16, intermediate_size=32, num_experts=6, moe_topk=[2, 3, 2],
+        attention_bias=True, rope_scaling={"type": "dynamic", "alpha": 50.0, "factor": 1.0}),
+}
+
 
 def fixed_machine_profile():
     """Fixed machine rates, so plans made in tests do not depend on how busy the machine is."""
