@@ -23,8 +23,8 @@ from moetier import LLM, ConfigError, SamplingParams
 from moetier.models import fused
 from moetier.models.moe import SparseMoeBlock
 from moetier.weights.loader import load_args, load_model
-from tiny import (MORE_FAMILY_CONFIGS, assert_logits_close, fixed_machine_profile, make_checkpoint, moetier_logits,
-                  reference_greedy, reference_logits)
+from tiny import (MORE_FAMILY_CONFIGS, assert_logits_close, built_case, fixed_machine_profile, make_checkpoint,
+                  moetier_logits, reference_greedy, reference_logits)
 from tiny import _COMMON as COMMON
 
 CONFIGS = MORE_FAMILY_CONFIGS
@@ -41,14 +41,7 @@ _BUILT: dict = {}
 
 
 def _build(family: str, layout: str, tmp_path_factory) -> dict:
-    """A checkpoint, the model loaded from it, and transformers' logits for IDS (built once)."""
-    if (family, layout) not in _BUILT:
-        folder = make_checkpoint(tmp_path_factory.mktemp(f"{family}_{layout}"), family, CONFIGS[family],
-                                 fused=layout == "fused")
-        model, args, _ = load_model(folder, dtype="float32")
-        _BUILT[(family, layout)] = dict(family=family, layout=layout, path=folder, model=model, args=args,
-                                        ref=reference_logits(folder, IDS))
-    return _BUILT[(family, layout)]
+    return built_case(_BUILT, family, family, CONFIGS[family], layout, tmp_path_factory, IDS)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{layout}" for f, layout in CASES])
@@ -80,7 +73,7 @@ def test_layout_is_what_it_claims(case):
     names = _names(case["path"])
     stacked = any(n.endswith("experts.gate_up_proj") for n in names)
     assert stacked == (case["layout"] == "fused")
-    if case["layout"] == "hub" and case["family"] != "granitemoe":  # Granite's hub layout is stacked already
+    if case["layout"] == "hub" and case["name"] != "granitemoe":  # Granite's hub layout is stacked already
         assert any(".experts.0." in n for n in names)
 
 
@@ -92,7 +85,7 @@ def test_sparse_and_dense_layers_follow_config(case):
                   for layer in ref.model.layers]
     ours = [isinstance(layer.mlp, SparseMoeBlock) for layer in case["model"].model.layers]
     assert ours == ref_sparse and any(ours)
-    if case["family"] in ("glm4_moe", "dots1", "ernie4_5_moe"):
+    if case["name"] in ("glm4_moe", "dots1", "ernie4_5_moe"):
         assert not all(ours)  # the config has dense layers: make sure they are exercised
 
 

@@ -15,7 +15,7 @@ import torch
 from moetier import LLM, SamplingParams
 from moetier.models.moe import SparseMoeBlock
 from moetier.weights.loader import load_args, load_model
-from tiny import assert_logits_close, make_checkpoint, moetier_logits, reference_greedy, reference_logits
+from tiny import assert_logits_close, built_case, moetier_logits, reference_greedy
 
 COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256)
@@ -49,15 +49,7 @@ _BUILT: dict = {}
 
 
 def _build(name: str, layout: str, tmp_path_factory) -> dict:
-    """A checkpoint, the model loaded from it, and transformers' logits for IDS (built once)."""
-    if (name, layout) not in _BUILT:
-        model_type, config = CONFIGS[name]
-        folder = make_checkpoint(tmp_path_factory.mktemp(f"{name}_{layout}"), model_type, config,
-                                 fused=layout == "fused", shard_size="40KB" if layout == "sharded" else None)
-        model, args, _ = load_model(folder, dtype="float32")
-        _BUILT[(name, layout)] = dict(name=name, layout=layout, path=folder, model=model, args=args,
-                                      ref=reference_logits(folder, IDS))
-    return _BUILT[(name, layout)]
+    return built_case(_BUILT, name, *CONFIGS[name], layout, tmp_path_factory, IDS)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{c}-{layout}" for c, layout in CASES])

@@ -62,6 +62,21 @@ def _spread_weights(model) -> None:
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
+def built_case(cache: dict, name: str, model_type: str, config: dict, layout: str, tmp_path_factory,
+               ids: list[int]) -> dict:
+    """A parity case, built once per (name, layout) into ``cache``: a checkpoint in ``layout`` (``hub``,
+    ``fused`` or ``sharded``), moetier's float32 model of it, and transformers' logits for ``ids``."""
+    from moetier.weights.loader import load_model
+
+    if (name, layout) not in cache:
+        folder = make_checkpoint(tmp_path_factory.mktemp(f"{name}_{layout}"), model_type, config,
+                                 fused=layout == "fused", shard_size="40KB" if layout == "sharded" else None)
+        model, args, _ = load_model(folder, dtype="float32")
+        cache[(name, layout)] = dict(name=name, layout=layout, path=folder, model=model, args=args,
+                                     ref=reference_logits(folder, ids))
+    return cache[(name, layout)]
+
+
 def reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
     """transformers' logits ``[len(ids), vocab]`` for one sequence, float32."""
     from transformers import AutoModelForCausalLM
