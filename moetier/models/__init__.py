@@ -25,6 +25,12 @@ _REGISTRY = {
     "olmoe": "olmoe",
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
+    "glm4_moe": "glm4_moe",
+    "dots1": "glm4_moe",
+    "ernie4_5_moe": "ernie4_5_moe",
+    "granitemoe": "granitemoe",
+    "phimoe": "phimoe",
+    "hunyuan_v1_moe": "hunyuan_v1_moe",
 }
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from ..kernels import native
 from ..kernels.linear import has_native, native_rows
 from ..kernels.quant import QuantWeight
+from .decoder import DecoderLayer
 from .layers import Attention, RMSNorm
 from .moe import Experts, SoftmaxTopKRouter, SparseMoeBlock, fused_ok
 
@@ -192,9 +193,13 @@ def _weight_plain(gate: nn.Module):
 def eligible(layer: nn.Module) -> bool:
     """Whether a decoder layer's structure is one the fused path computes (module docstring)."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(layer) is not DecoderLayer:  # a subclass changes the layer's math (Granite's residual multiplier)
+        return False
     if type(attn) is not Attention or not isinstance(mlp, SparseMoeBlock) or type(mlp.gate) is not SoftmaxTopKRouter:
         return False
     if attn.qk_norm not in (None, "head") or attn.clip_qkv is not None or attn.rotary.interleaved:
+        return False
+    if attn.rotary.dim != attn.d:  # partial rotary: mt_attn1 rotates whole heads
         return False
     if mlp.scaling != 1.0 or attn.d > 512 or attn.d % 2:
         return False
