@@ -18,6 +18,10 @@ summation order of norms and attention. A layer takes this path only for one tok
 in bf16, with weights the native kernels read (plain bf16, int8, int4 ``rows``), families whose
 attention is plain GQA (optionally with q/k/v bias and per-head q/k norm) and whose MoE router is a
 softmax top-k; anything else keeps the unfused path. ``MOETIER_FUSED=0`` turns it off.
+
+When every layer has this path, its experts are resident and there is no shared expert,
+:class:`FusedToken` runs the three calls of every layer in one (``mt_decode1``), with no return to
+Python in between: the same calls on the same buffers, so the same numbers bit for bit.
 """
 
 from __future__ import annotations
