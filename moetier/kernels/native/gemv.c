@@ -243,6 +243,15 @@ static float dot_int8_ref(const int8_t *w, const void *s, int sk, int64_t G, int
 }
 
 #ifdef MT_VNNI
+/* The weight scales of a row's 64-weight chunk c as 16 lanes (8 per 32-block); G != K. */
+static inline __m512 int8_chunk_scales(const void *s, int sk, int64_t G, int64_t K, int64_t c) {
+    if (G == 32) {
+        float s0 = scale_at(s, sk, 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, 2 * c + 1) : 0.f;
+        return _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+    }
+    return _mm512_set1_ps(scale_at(s, sk, (c * 64) / G));
+}
+
 /* One weight row against R (1..4) quantized input rows: out[r] = sum over k (not yet per-row scaled when
  * G == K). G == K, G == 32 or G % 64 == 0. */
 static inline __attribute__((always_inline)) void dot_int8_row(const int8_t *w, const void *s, int sk, int64_t G,
@@ -256,13 +265,7 @@ static inline __attribute__((always_inline)) void dot_int8_row(const int8_t *w, 
         __mmask64 lm = (c * 64 + 64 <= K) ? ~0ull : ((1ull << (K - c * 64)) - 1);
         _mm_prefetch((const char *)(w + c * 64 + PF_AHEAD), _MM_HINT_T0);
         __m512i wv0 = _mm512_maskz_loadu_epi8(lm, w + c * 64);
-        __m512 ws = _mm512_set1_ps(1.f);
-        if (G == 32) {
-            float s0 = scale_at(s, sk, 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, 2 * c + 1) : 0.f;
-            ws = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
-        } else if (G != K) {
-            ws = _mm512_set1_ps(scale_at(s, sk, (c * 64) / G));
-        }
+        __m512 ws = G != K ? int8_chunk_scales(s, sk, G, K, c) : _mm512_set1_ps(1.f);
         for (int r = 0; r < R; r++) {
             __m512i wv = _mm512_mask_sub_epi8(wv0, x[r]->neg[c], zero, wv0);
             __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(x[r]->absq + c * 64), wv));
@@ -294,14 +297,8 @@ static void dot_int8_4rows(const int8_t *w, int64_t ldw, const void *s, int sk, 
             wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
             __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, wv));
             if (G != K) {
-                __m512 ws;
-                if (G == 32) {
-                    float s0 = scale_at(s, sk, i * lds + 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, i * lds + 2 * c + 1) : 0.f;
-                    ws = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
-                } else {
-                    ws = _mm512_set1_ps(scale_at(s, sk, i * lds + (c * 64) / G));
-                }
-                f = _mm512_mul_ps(f, ws);
+                const char *si = (const char *)s + i * lds * (sk == SK_F32 ? 4 : 2);
+                f = _mm512_mul_ps(f, int8_chunk_scales(si, sk, G, K, c));
             }
             acc[i][c & 1] = _mm512_fmadd_ps(f, sc, acc[i][c & 1]);
         }
