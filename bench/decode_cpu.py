@@ -1,10 +1,11 @@
-"""Decode tokens/s on the CPU, moetier vs transformers, on one synthetic Mixtral held in memory.
+"""Decode tokens/s on the CPU, moetier vs transformers, on one synthetic MoE model held in memory.
 
 Prints one JSON object per batch size with both rates, their ratio, and the
 bandwidth limit (active bytes per step / measured copy bandwidth).
 
-    python bench/decode_cpu.py                      # the issue's medium model (~2.8 GiB bf16)
-    python bench/decode_cpu.py --layers 4 --quick   # a fast smoke run
+    python bench/decode_cpu.py                      # the issue's medium Mixtral (~2.8 GiB bf16)
+    python bench/decode_cpu.py --layers 4 --new-tokens 4 --repeats 1   # a fast smoke run
+    python bench/decode_cpu.py --family glm4_moe    # the same sizes in another family's layout
 """
 
 from __future__ import annotations
@@ -32,6 +33,41 @@ def active_bytes_per_step(cfg: dict, batch: int, elem: int) -> int:
     return int((L * per_layer + H + cfg["vocab_size"] * H + batch * H) * elem)
 
 
+def family_config(family: str, hidden: int, inter: int, layers: int, experts: int, top_k: int) -> dict:
+    """A transformers config for ``family`` with these sizes (``inter``: one routed expert's, and the
+    shared expert's and dense layers' where the family has them), in the family's own key names."""
+    cfg = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
+               head_dim=hidden // 16, vocab_size=32000, max_position_embeddings=4096)
+    deepseek_like = dict(intermediate_size=inter, moe_intermediate_size=inter, n_routed_experts=experts,
+                         num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1)
+    per_family = {
+        "mixtral": dict(intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=top_k),
+        "glm4_moe": dict(deepseek_like, norm_topk_prob=True),
+        "dots1": dict(deepseek_like, norm_topk_prob=True),
+        "ernie4_5_moe": dict(intermediate_size=inter, moe_intermediate_size=inter, moe_num_experts=experts,
+                             moe_k=top_k, moe_num_shared_experts=1, moe_layer_start_index=1,
+                             tie_word_embeddings=False),
+        "granitemoe": dict(intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=top_k,
+                           embedding_multiplier=12.0, attention_multiplier=1 / 64, residual_multiplier=0.22,
+                           logits_scaling=6.0),
+        "phimoe": dict(intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=2),
+        "hunyuan_v1_moe": dict(intermediate_size=inter, num_experts=experts, moe_topk=top_k),
+    }
+    if family not in per_family:
+        raise SystemExit(f"--family {family!r}: one of {', '.join(per_family)}")
+    return {**cfg, **per_family[family]}
+
+
+def active_bytes_of(model, batch: int, dtype: torch.dtype) -> int:
+    """As :func:`active_bytes_per_step`, read off a loaded moetier model (any family)."""
+    from moetier.bench.shape import ModelShape
+
+    shape = ModelShape.of(model, dtype)
+    E, k = shape.num_experts, shape.top_k
+    distinct = E * (1 - (1 - k / E) ** batch) if E else 0
+    return int(shape.resident_bytes + shape.moe_layers * distinct * shape.expert_bytes)
+
+
 def time_decode(run, new_tokens: int, repeats: int) -> float:
     """Seconds per decode step: time(1 + n tokens) - time(1 token), over n; median of repeats."""
     samples = []
@@ -48,6 +84,7 @@ def time_decode(run, new_tokens: int, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="mixtral", help="model_type of the synthetic model (default: mixtral)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=3584)
     ap.add_argument("--layers", type=int, default=16)
@@ -69,11 +106,14 @@ def main() -> None:
     from moetier import LLM, SamplingParams
 
     dtype = getattr(torch, args.dtype)
-    cfg = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-               num_attention_heads=16, num_key_value_heads=4, num_local_experts=args.experts,
-               num_experts_per_tok=args.top_k, vocab_size=32000, max_position_embeddings=4096)
-    name = f"mixtral-h{args.hidden}-i{args.intermediate}-l{args.layers}-e{args.experts}-{args.dtype}"
-    folder = synthetic_checkpoint(args.dir / name, "mixtral", cfg, dtype)
+    if args.family == "mixtral":  # the sizes of earlier runs, kept comparable
+        cfg = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                   num_attention_heads=16, num_key_value_heads=4, num_local_experts=args.experts,
+                   num_experts_per_tok=args.top_k, vocab_size=32000, max_position_embeddings=4096)
+    else:
+        cfg = family_config(args.family, args.hidden, args.intermediate, args.layers, args.experts, args.top_k)
+    name = f"{args.family}-h{args.hidden}-i{args.intermediate}-l{args.layers}-e{args.experts}-{args.dtype}"
+    folder = synthetic_checkpoint(args.dir / name, args.family, cfg, dtype)
 
     llm = LLM(folder, dtype=args.dtype)
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -94,7 +134,8 @@ def main() -> None:
         ours(2), theirs(2)  # warm up
         t_ours = time_decode(ours, args.new_tokens, args.repeats)
         t_ref = time_decode(theirs, args.new_tokens, args.repeats)
-        nbytes = active_bytes_per_step(cfg, B, dtype.itemsize)
+        nbytes = active_bytes_per_step(cfg, B, dtype.itemsize) if args.family == "mixtral" else \
+            active_bytes_of(llm.model, B, dtype)
         limit = B / (nbytes / bw)
         emit({
             "bench": "decode_cpu", "model": name, "batch": B, "threads": torch.get_num_threads(),

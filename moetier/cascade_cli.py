@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from .cascade import DEFAULT_RULE, DEFAULT_THRESHOLD, RULES, Cascade, CascadeError, read_calibration
 
@@ -48,8 +49,21 @@ def serve_cascades(values: list[str], models: dict[str, str]) -> dict[str, dict]
                 raise CascadeError(f"--cascade: {m!r} is a cascade, not a model")
             models.setdefault(m, m)
         out[name] = {"name": name, "models": list(data["models"]), "rule": data["rule"],
-                     "thresholds": list(data["thresholds"])}
+                     "thresholds": list(data["thresholds"]), "spec": data}
     return out
+
+
+def serve_memory_split(cascades: dict[str, dict], models: dict[str, str], budget: Optional[int]):
+    """The memory plan (:func:`moetier.cascade_memory.plan_for`) of the one cascade whose models are all the
+    server serves, within ``budget``; None when there is no budget, no cascade, or other models share it."""
+    if budget is None or len(cascades) != 1:
+        return None
+    (c,) = cascades.values()
+    if set(models) != set(c["models"]) or any(models[m] != m for m in c["models"]):
+        return None
+    from .cascade_memory import plan_for
+
+    return plan_for(c["spec"], budget)
 
 
 def open_cascade(spec: str, device_memory=None, **llm_options) -> Cascade:

@@ -89,7 +89,8 @@ async def generate(st, kind: str, req, body: dict, spec: dict):
                 for _, ids in prompts:
                     llm.engine.check_prompt(ids)
                     check_context(len(ids), params.max_tokens, llm.engine.max_model_len)
-                outs = await _run_level(entry, prompts, params if last else scoring_params(params, spec["rule"], spec["thresholds"][level]))
+                run = params if last else scoring_params(params, spec["rule"], spec["thresholds"][level])
+                outs = await _run_level(entry, prompts, run)
                 tok = llm.tokenizer
             finally:
                 cm.__exit__(None, None, None)

@@ -109,5 +109,11 @@ def cmd_serve(args) -> int:
     server = make_server(models, load, host=args.host, port=args.port, api_key=args.api_key, budget=budget,
                          max_requests=args.max_requests, keep_alive=args.keep_alive, log_level=args.log_level)
     server.pool.cascades = cascades  # read by the app's generation endpoints (moetier/cascade_serve.py)
+    from .cascade_cli import serve_memory_split
+
+    plan = serve_memory_split(cascades, models, budget)
+    if plan is not None:  # the budget divided between the cascade's models by their traffic
+        server.pool.split = dict(zip(plan.names, plan.device_memory))
+        logging.getLogger("moetier.serve").info("%s", plan.explain())
     serve(server)
     return 0

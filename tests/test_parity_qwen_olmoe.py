@@ -14,10 +14,8 @@ import torch
 
 from moetier import LLM, SamplingParams
 from moetier.models.moe import SparseMoeBlock
-from moetier.runtime.batch import ForwardBatch
-from moetier.runtime.kv_cache import SeqKV
 from moetier.weights.loader import load_args, load_model
-from tiny import assert_logits_close, make_checkpoint, moetier_logits, reference_greedy, reference_logits
+from tiny import assert_logits_close, built_case, moetier_logits, reference_greedy
 
 COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256)
@@ -51,15 +49,7 @@ _BUILT: dict = {}
 
 
 def _build(name: str, layout: str, tmp_path_factory) -> dict:
-    """A checkpoint, the model loaded from it, and transformers' logits for IDS (built once)."""
-    if (name, layout) not in _BUILT:
-        model_type, config = CONFIGS[name]
-        folder = make_checkpoint(tmp_path_factory.mktemp(f"{name}_{layout}"), model_type, config,
-                                 fused=layout == "fused", shard_size="40KB" if layout == "sharded" else None)
-        model, args, _ = load_model(folder, dtype="float32")
-        _BUILT[(name, layout)] = dict(name=name, layout=layout, path=folder, model=model, args=args,
-                                      ref=reference_logits(folder, IDS))
-    return _BUILT[(name, layout)]
+    return built_case(_BUILT, name, *CONFIGS[name], layout, tmp_path_factory, IDS)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{c}-{layout}" for c, layout in CASES])
@@ -111,14 +101,7 @@ def test_decode_through_kv_cache_matches(case):
 
 def test_chunked_prefill_matches(case):
     """Prompt chunks that start mid-sequence (and past a sliding window) against the cache."""
-    model = case["model"]
-    kv = SeqKV(len(model.model.layers), 4, "cpu", torch.float32)
-    rows = []
-    for a, b in ((0, 4), (4, 9), (9, 10), (10, 12)):
-        batch = ForwardBatch.build([kv], [b - a], "cpu")
-        rows.append(model(torch.tensor(IDS[a:b]), batch, logits_rows=torch.arange(b - a)))
-        batch.commit()
-    assert_logits_close(torch.cat(rows), case["ref"])
+    assert_logits_close(moetier_logits(case["model"], IDS, chunks=[4, 5, 1, 2], capacity=4), case["ref"])
 
 
 def test_greedy_continuation_identical(case):

@@ -8,7 +8,9 @@ from moetier.experts.setup import moe_blocks
 from moetier.models import prepack as pp
 from moetier.models.prepack import PackedLinear, prepack, supported
 from moetier.weights.loader import load_model
-from tiny import FAMILY_CONFIGS, make_checkpoint, moetier_logits
+from tiny import FAMILY_CONFIGS, MORE_FAMILY_CONFIGS, make_checkpoint, moetier_logits
+
+ALL_CONFIGS = {**FAMILY_CONFIGS, **MORE_FAMILY_CONFIGS}
 
 pytestmark = pytest.mark.skipif(not supported(torch.bfloat16), reason="no oneDNN bf16 packing on this CPU build")
 
@@ -27,9 +29,9 @@ def onednn_only(monkeypatch):
     monkeypatch.setenv("MOETIER_FUSED", "0")
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+@pytest.mark.parametrize("family", sorted(ALL_CONFIGS))
 def test_packed_logits_are_bit_identical(family, tmp_path):
-    folder = make_checkpoint(tmp_path, family, FAMILY_CONFIGS[family])
+    folder = make_checkpoint(tmp_path, family, ALL_CONFIGS[family])
     model, _, _ = load_model(folder, "cpu", "bfloat16")
     want = moetier_logits(model, IDS, split=4)  # a prefill, then one token at a time
     assert prepack(model) > 0

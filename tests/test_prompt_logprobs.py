@@ -8,7 +8,8 @@ import torch
 from moetier import LLM, SamplingParams
 from moetier.errors import RequestError
 from moetier.runtime import prompt_logprobs
-from tiny import FAMILY_CONFIGS, add_char_tokenizer, fixed_machine_profile, make_checkpoint, reference_logits
+from tiny import (FAMILY_CONFIGS, MORE_FAMILY_CONFIGS, add_char_tokenizer, fixed_machine_profile, make_checkpoint,
+                  reference_logits)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,13 +18,14 @@ TOL = 1e-4  # float32: moetier and transformers order their sums differently
 
 
 def _checkpoint(tmp_path_factory, family):
-    cfg = dict(FAMILY_CONFIGS[family], vocab_size=97, eos_token_id=1, bos_token_id=0, pad_token_id=0)
+    cfg = dict({**FAMILY_CONFIGS, **MORE_FAMILY_CONFIGS}[family], vocab_size=97, eos_token_id=1, bos_token_id=0,
+               pad_token_id=0)
     folder = make_checkpoint(tmp_path_factory.mktemp(family), family, cfg)
     add_char_tokenizer(folder)
     return folder
 
 
-@pytest.fixture(scope="module", params=["mixtral", "deepseek_v3"])
+@pytest.fixture(scope="module", params=["mixtral", "deepseek_v3", "granitemoe"])  # granite: the logits scaling
 def ckpt(request, tmp_path_factory):
     return _checkpoint(tmp_path_factory, request.param)
 

@@ -22,7 +22,9 @@ from moetier.kernels.quant import QuantError, QuantWeight
 from moetier.models.quantize import QuantLinear
 from moetier.weights.packed import INDEX_NAME, PackedCheckpoint
 from moetier.weights.packed_write import convert
-from tiny import FAMILY_CONFIGS, make_checkpoint
+from tiny import FAMILY_CONFIGS, MORE_FAMILY_CONFIGS, make_checkpoint
+
+ALL_CONFIGS = {**FAMILY_CONFIGS, **MORE_FAMILY_CONFIGS}
 
 PROMPTS = [[5, 17, 99, 3, 42, 42, 7, 120], [64, 1, 88], list(range(30, 50))]
 PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
@@ -64,9 +66,9 @@ def _qsig(w) -> tuple:
     return (w.kind, w.shape, w.group_size, w.layout, _signature(w.codes), _signature(w.scales))
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+@pytest.fixture(scope="module", params=sorted(ALL_CONFIGS))
 def family(request, tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, FAMILY_CONFIGS[request.param])
+    return make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, ALL_CONFIGS[request.param])
 
 
 @pytest.mark.parametrize("kind,group,dense,dtype", [("int4", 32, "int8", "float32"), ("int8", None, None, "float32"),

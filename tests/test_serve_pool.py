@@ -115,3 +115,27 @@ def test_concurrent_first_requests_load_once(folders):
         cm.__exit__(None, None, None)
     assert pool.entries["a"].users == 0
     pool.close()
+
+
+def test_a_fixed_split_decides_how_each_model_loads(folders):
+    """A served cascade's memory plan: one model resident, one offloaded within its share, whatever the pool's
+    own rule (both fit the budget here, so without the split both would load resident)."""
+    pool, made = _pool(folders, budget=2500)
+    pool.split = {"a": None, "b": 700}
+    for name in ("a", "b", "c"):
+        with pool.use(name):
+            pass
+    assert (made["a"].device_memory, made["b"].device_memory, made["c"].device_memory) == (None, 700, None)
+
+
+def test_served_cascade_memory_split():
+    from moetier.cascade_cli import serve_cascades, serve_memory_split
+
+    models: dict = {}
+    cascades = serve_cascades(["c=demo-small,demo"], models)
+    assert serve_memory_split(cascades, models, None) is None  # no budget: the pool's own rule
+    roomy = serve_memory_split(cascades, models, 64 << 20)
+    assert roomy.names == ["demo-small", "demo"] and roomy.device_memory == [None, None]
+    tight = serve_memory_split(cascades, models, 10 << 20)  # demo (14 MB of weights) does not fit resident
+    assert tight.device_memory[0] is None and 0 < tight.device_memory[1] <= (10 << 20)
+    assert serve_memory_split(cascades, {**models, "other": "demo"}, 64 << 20) is None  # shared with a model

@@ -62,6 +62,21 @@ def _spread_weights(model) -> None:
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
+def built_case(cache: dict, name: str, model_type: str, config: dict, layout: str, tmp_path_factory,
+               ids: list[int]) -> dict:
+    """A parity case, built once per (name, layout) into ``cache``: a checkpoint in ``layout`` (``hub``,
+    ``fused`` or ``sharded``), moetier's float32 model of it, and transformers' logits for ``ids``."""
+    from moetier.weights.loader import load_model
+
+    if (name, layout) not in cache:
+        folder = make_checkpoint(tmp_path_factory.mktemp(f"{name}_{layout}"), model_type, config,
+                                 fused=layout == "fused", shard_size="40KB" if layout == "sharded" else None)
+        model, args, _ = load_model(folder, dtype="float32")
+        cache[(name, layout)] = dict(name=name, layout=layout, path=folder, model=model, args=args,
+                                     ref=reference_logits(folder, ids))
+    return cache[(name, layout)]
+
+
 def reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
     """transformers' logits ``[len(ids), vocab]`` for one sequence, float32."""
     from transformers import AutoModelForCausalLM
@@ -84,12 +99,19 @@ def reference_greedy(folder: Path, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def moetier_logits(model, ids: list[int], split: int | None = None) -> torch.Tensor:
+def moetier_logits(model, ids: list[int], split: int | None = None, chunks: list[int] | None = None,
+                   capacity: int = 8) -> torch.Tensor:
     """moetier's logits for every position; ``split`` prefills ``ids[:split]`` first, then
-    feeds the rest one step at a time through the KV cache."""
-    kv = SeqKV(len(model.model.layers), 8, next(model.parameters()).device, next(model.parameters()).dtype)
-    split = len(ids) if split is None else split
-    chunks = [ids[:split]] + [[t] for t in ids[split:]]
+    feeds the rest one step at a time through the KV cache. ``chunks``: feed chunks of these
+    sizes instead (prompt chunks starting mid-sequence). ``capacity``: the cache's first size."""
+    kv = SeqKV(len(model.model.layers), capacity, next(model.parameters()).device, next(model.parameters()).dtype)
+    if chunks is not None:
+        assert sum(chunks) == len(ids)
+        cuts = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
+        chunks = [ids[a:b] for a, b in zip(cuts, cuts[1:])]
+    else:
+        split = len(ids) if split is None else split
+        chunks = [ids[:split]] + [[t] for t in ids[split:]]
     rows = []
     for chunk in chunks:
         b = ForwardBatch.build([kv], [len(chunk)], kv.device)
@@ -178,6 +200,33 @@ FAMILY_CONFIGS = {
     "llama4_text": dict(_COMMON, head_dim=16, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4,
                         num_local_experts=6, num_experts_per_tok=2, interleave_moe_layer_step=2,
                         attention_chunk_size=4, floor_scale=3, attn_scale=0.5),
+}
+
+# The families added with issue 15, one config each exercising its distinctive parts
+# (tests/test_parity_families.py); kept apart so the heavier suites above stay as they were
+MORE_FAMILY_CONFIGS = {
+    "glm4_moe": dict(
+        _COMMON, num_hidden_layers=3, head_dim=24, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        routed_scaling_factor=1.5, attention_bias=True, use_qk_norm=True),
+    "dots1": dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True, attention_bias=True,
+        sliding_window=5, max_window_layers=1),
+    # sparse layers: (i + 1) % 2 == 0 within 1..2, so only layer 1; layer 3 is past the end index
+    "ernie4_5_moe": dict(
+        _COMMON, num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8, moe_k=2,
+        moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=2,
+        use_bias=True, tie_word_embeddings=False),
+    "granitemoe": dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
+        embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=3.0),
+    "phimoe": dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
+        sliding_window=5, attention_bias=True, lm_head_bias=True),
+    "hunyuan_v1_moe": dict(
+        _COMMON, num_hidden_layers=3, head_dim=16, intermediate_size=32, num_experts=6, moe_topk=[2, 3, 2],
+        attention_bias=True, rope_scaling={"type": "dynamic", "alpha": 50.0, "factor": 1.0}),
 }
 
 

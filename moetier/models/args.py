@@ -31,16 +31,18 @@ class RopeArgs:
     factor: float = 1.0
     params: dict = field(default_factory=dict)
 
+    KINDS: ClassVar[tuple[str, ...]] = ("default", "linear", "yarn")
+
     @classmethod
-    def from_config(cls, raw: dict, default_theta: float) -> "RopeArgs":
+    def from_config(cls, raw: dict, default_theta: float, kinds: tuple[str, ...] = KINDS) -> "RopeArgs":
         rp = dict(raw.get("rope_parameters") or {})
         scaling = dict(raw.get("rope_scaling") or {})
         merged = {**scaling, **rp}
         theta = merged.get("rope_theta", raw.get("rope_theta", default_theta))
         kind = merged.get("rope_type", merged.get("type", "default")) or "default"
-        if kind not in ("default", "linear", "yarn", "llama3"):
+        if kind not in kinds:
             raise ConfigError(
-                f"config.json: rope type {kind!r} is not supported (supported: default, linear, yarn, llama3)"
+                f"config.json: rope type {kind!r} is not supported (supported: {', '.join(kinds)})"
             )
         factor = merged.get("factor")
         return cls(theta=float(theta), kind=kind, factor=float(factor) if factor else 1.0, params=merged)
@@ -66,6 +68,7 @@ class BaseModelArgs:
 
     # rope_theta when config.json names none (the transformers config's default)
     DEFAULT_ROPE_THETA: ClassVar[float] = 10000.0
+    ROPE_KINDS: ClassVar[tuple[str, ...]] = RopeArgs.KINDS  # the rope types the family's Rotary computes
 
     @classmethod
     def from_dict(cls, raw: dict) -> "BaseModelArgs":
@@ -81,7 +84,7 @@ class BaseModelArgs:
                 continue
             kwargs[f.name] = _coerce(f.name, raw[f.name], f.type)
         args = cls(**kwargs)
-        args.rope = RopeArgs.from_config(raw, cls.DEFAULT_ROPE_THETA)
+        args.rope = RopeArgs.from_config(raw, cls.DEFAULT_ROPE_THETA, cls.ROPE_KINDS)
         args.validate()
         return args
 

@@ -16,14 +16,27 @@ from .args import BaseModelArgs
 from .layers import RMSNorm
 
 
+Norm = Callable[[int], nn.Module]  # hidden size -> a norm module (RMSNorm unless a family says otherwise)
+
+
+def rms_norm(args: BaseModelArgs) -> Norm:
+    return lambda dim: RMSNorm(dim, args.rms_norm_eps)
+
+
+def layer_norm(args: BaseModelArgs) -> Norm:
+    """LayerNorm with weight and bias (Phi-3.5-MoE), eps read from ``rms_norm_eps`` as transformers does."""
+    return lambda dim: nn.LayerNorm(dim, eps=args.rms_norm_eps)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention, then MLP or sparse MoE."""
 
-    def __init__(self, args: BaseModelArgs, attn: nn.Module, mlp: nn.Module, norm: type = RMSNorm):
+    def __init__(self, args: BaseModelArgs, attn: nn.Module, mlp: nn.Module, norm: Norm | None = None):
         super().__init__()
-        self.input_layernorm = norm(args.hidden_size, args.rms_norm_eps)
+        norm = norm or rms_norm(args)
+        self.input_layernorm = norm(args.hidden_size)
         self.self_attn = attn
-        self.post_attention_layernorm = norm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = norm(args.hidden_size)
         self.mlp = mlp
         self.fused = None  # models/fused.py: one decode token of one sequence in three native calls
 
@@ -35,11 +48,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, args: BaseModelArgs, layers: list[DecoderLayer], norm: type = RMSNorm):
+    def __init__(self, args: BaseModelArgs, layers: list[DecoderLayer], norm: Norm | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
-        self.norm = norm(args.hidden_size, args.rms_norm_eps)
+        self.norm = (norm or rms_norm(args))(args.hidden_size)
 
 
 class CausalLM(nn.Module):
@@ -47,14 +60,25 @@ class CausalLM(nn.Module):
 
     ``forward`` takes the flat token ids of a step (``[T]``) and returns logits
     only for the rows asked for (by default each sequence's last token).
+    ``embed_scale`` multiplies the embeddings and ``logits_scale`` divides the logits
+    (Granite's embedding_multiplier and logits_scaling); ``lm_head_bias`` gives the head a bias.
     """
 
-    def __init__(self, args: BaseModelArgs, make_layer: Callable[[int], DecoderLayer], norm: type = RMSNorm):
+    def __init__(
+        self, args: BaseModelArgs, make_layer: Callable[[int], DecoderLayer], *, norm: Norm | None = None,
+        lm_head_bias: bool = False, embed_scale: float = 1.0, logits_scale: float = 1.0,
+    ):
         super().__init__()
         self.args = args
         self.model = DecoderModel(args, [make_layer(i) for i in range(args.num_hidden_layers)], norm)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=lm_head_bias)
+        self.embed_scale, self.logits_scale = embed_scale, logits_scale
         self.fused_token = None  # models/fused.py: one decode token of one sequence through all layers at once
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-normed rows ``[R, H]`` -> logits ``[R, vocab]`` in the model's dtype."""
+        logits = self.lm_head(hidden)
+        return logits if self.logits_scale == 1.0 else logits / self.logits_scale
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -71,6 +95,8 @@ class CausalLM(nn.Module):
         rows after the final norm: the caller runs the LM head on them in chunks (prompt logprobs).
         """
         x = self.model.embed_tokens(input_ids)  # [T, H]
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.fused_token is not None and x.shape[0] == 1 and len(batch.lengths) == 1 and x.dtype == torch.bfloat16:
             x = self.fused_token(x, batch)
         else:
@@ -78,7 +104,7 @@ class CausalLM(nn.Module):
                 x = layer(x, batch)
         if logits_rows is None:
             logits_rows = batch.last_token_indices()
-        logits = self.lm_head(self.model.norm(x[logits_rows.to(x.device)])).float()
+        logits = self.head(self.model.norm(x[logits_rows.to(x.device)])).float()
         if hidden_rows is None:
             return logits
         return logits, self.model.norm(x[hidden_rows.to(x.device)])

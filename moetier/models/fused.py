@@ -18,6 +18,10 @@ summation order of norms and attention. A layer takes this path only for one tok
 in bf16, with weights the native kernels read (plain bf16, int8, int4 ``rows``), families whose
 attention is plain GQA (optionally with q/k/v bias and per-head q/k norm) and whose MoE router is a
 softmax top-k; anything else keeps the unfused path. ``MOETIER_FUSED=0`` turns it off.
+
+When every layer has this path, its experts are resident and there is no shared expert,
+:class:`FusedToken` runs the three calls of every layer in one (``mt_decode1``), with no return to
+Python in between: the same calls on the same buffers, so the same numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import nn
 from ..kernels import native
 from ..kernels.linear import has_native, native_rows
 from ..kernels.quant import QuantWeight
+from .decoder import DecoderLayer
 from .layers import Attention, RMSNorm
 from .moe import Experts, SoftmaxTopKRouter, SparseMoeBlock, fused_ok
 
@@ -192,9 +197,13 @@ def _weight_plain(gate: nn.Module):
 def eligible(layer: nn.Module) -> bool:
     """Whether a decoder layer's structure is one the fused path computes (module docstring)."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(layer) is not DecoderLayer:  # a subclass changes the layer's math (Granite's residual multiplier)
+        return False
     if type(attn) is not Attention or not isinstance(mlp, SparseMoeBlock) or type(mlp.gate) is not SoftmaxTopKRouter:
         return False
     if attn.qk_norm not in (None, "head") or attn.clip_qkv is not None or attn.rotary.interleaved:
+        return False
+    if attn.rotary.dim != attn.d:  # partial rotary: mt_attn1 rotates whole heads
         return False
     if mlp.scaling != 1.0 or attn.d > 512 or attn.d % 2:
         return False

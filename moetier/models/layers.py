@@ -105,6 +105,15 @@ def _llama3_inv_freq(rope: RopeArgs, inv_freq: torch.Tensor) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _short_longrope_inv_freq(rope: RopeArgs, dim: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE's short factors, scaled by ``short_mscale``: the rope transformers' Phi-MoE computes at
+    every length (its long factors are never used; a family allows ``longrope`` only where that holds)."""
+    p = rope.params
+    idx = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (torch.tensor(p["short_factor"], dtype=torch.float32) * rope.theta**idx)
+    return inv_freq, float(p["short_mscale"])
+
+
 class Rotary(nn.Module):
     """Rotary position embedding with a lazily grown cos/sin table.
 
@@ -130,6 +139,8 @@ class Rotary(nn.Module):
     def _build(self, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope.kind == "yarn":
             inv_freq, scale = _yarn_inv_freq(self.rope, self.dim, self.max_pos)
+        elif self.rope.kind == "longrope":
+            inv_freq, scale = _short_longrope_inv_freq(self.rope, self.dim)
         else:
             idx = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float()
             inv_freq, scale = 1.0 / (self.rope.theta ** (idx / self.dim)), 1.0
@@ -326,7 +337,11 @@ class Attention(nn.Module):
     the whole projection before the head split (OLMoE). ``clip_qkv`` clamps
     q, k, v after that norm (OLMoE); ``sliding_window`` limits how far back a
     query looks (Qwen-MoE with ``use_sliding_window``). The output projection
-    has a bias iff ``args.attention_bias``.
+    has a bias iff ``args.attention_bias`` unless ``o_bias`` says otherwise.
+    ``qk_norm="head_after_rope"`` normalises each head after the rotation (Hunyuan).
+    ``rotary_dim`` rotates only the first that many dims of each head (GLM-4.5's
+    partial rotary), ``interleaved_rope`` rotates adjacent pairs (ERNIE); ``scale``
+    replaces ``head_dim**-0.5`` (Granite's attention_multiplier).
     """
 
     def __init__(
@@ -337,6 +352,10 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         clip_qkv: float | None = None,
         sliding_window: int | None = None,
+        o_bias: bool | None = None,
+        rotary_dim: int | None = None,
+        scale: float | None = None,
+        interleaved_rope: bool = False,
     ):
         super().__init__()
         self.layer = layer
@@ -345,18 +364,19 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(H, self.hq * self.d, bias=qkv_bias)
         self.k_proj = nn.Linear(H, self.hk * self.d, bias=qkv_bias)
         self.v_proj = nn.Linear(H, self.hk * self.d, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.hq * self.d, H, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, H, bias=args.attention_bias if o_bias is None else o_bias)
         self.clip_qkv = clip_qkv
         self.window = sliding_window
         self.qk_norm = qk_norm
-        if qk_norm == "head":
+        if qk_norm in ("head", "head_after_rope"):
             self.q_norm = RMSNorm(self.d, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, args.rms_norm_eps)
         elif qk_norm == "full":
             self.q_norm = RMSNorm(self.hq * self.d, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.hk * self.d, args.rms_norm_eps)
-        self.rotary = Rotary(self.d, args.rope, args.max_position_embeddings)
-        self.scale = self.d**-0.5
+        self.rotary = Rotary(rotary_dim or self.d, args.rope, args.max_position_embeddings,
+                             interleaved=interleaved_rope)
+        self.scale = self.d**-0.5 if scale is None else scale
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T = x.shape[0]
@@ -371,6 +391,14 @@ class Attention(nn.Module):
         v = v.view(T, self.hk, self.d)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = self.rotary(q, batch.positions)
-        k = self.rotary(k, batch.positions)
+        q, k = self._rotate(q, batch.positions), self._rotate(k, batch.positions)
+        if self.qk_norm == "head_after_rope":
+            q, k = self.q_norm(q), self.k_norm(k)
         return self.o_proj(attend_batch(batch, self.layer, q, (k, v), self.scale, self.window))
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary on ``x`` ``[T, h, d]``: all of each head, or its first ``rotary.dim`` dims (partial rotary)."""
+        r = self.rotary.dim
+        if r == self.d:
+            return self.rotary(x, positions)
+        return torch.cat((self.rotary(x[..., :r], positions), x[..., r:]), dim=-1)

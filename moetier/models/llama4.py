@@ -22,7 +22,7 @@ from typing import Optional
 
 from ..errors import ConfigError
 from . import Family
-from .args import BaseModelArgs
+from .args import BaseModelArgs, RopeArgs
 from .attn_ext import ExtAttention
 from .decoder import CausalLM, DecoderLayer
 from .moe import MLP, Experts, SigmoidTopKRouter, SparseMoeBlock
@@ -55,6 +55,7 @@ class ModelArgs(BaseModelArgs):
     attn_scale: float = 0.1
 
     DEFAULT_ROPE_THETA = 500000.0
+    ROPE_KINDS = RopeArgs.KINDS + ("llama3",)  # Scout's rope_scaling
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelArgs":

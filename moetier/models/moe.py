@@ -34,11 +34,11 @@ def fused_ok(x: torch.Tensor, pairs: list) -> bool:
 class MLP(nn.Module):
     """SwiGLU feed-forward: dense layers and shared experts."""
 
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -63,6 +63,64 @@ class SoftmaxTopKRouter(nn.Module):
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
+
+
+class Float32SoftmaxRouter(SoftmaxTopKRouter):
+    """:class:`SoftmaxTopKRouter` with its logits and softmax in float32 whatever the model dtype
+    (the router weight is kept in float32: Hunyuan's ``wg``)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(F.linear(x.float(), self.weight.float()), dim=-1)  # [T, E]
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+
+class BiasedSoftmaxRouter(nn.Module):
+    """ERNIE 4.5: float32 softmax; ``e_score_correction_bias`` (``[1, E]``, as stored) steers the
+    choice only; the chosen unbiased probabilities are renormalised (sum clamped below at ``norm_min``)."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_min: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts), requires_grad=False)
+        self.top_k = top_k
+        self.norm_min = norm_min
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(F.linear(x.float(), self.weight.float()), dim=-1)  # [T, E]
+        ids = torch.topk(probs + self.e_score_correction_bias.float()[0], self.top_k, dim=-1).indices
+        weights = probs.gather(1, ids)
+        return weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min), ids
+
+
+class SparseMixerRouter(nn.Module):
+    """Phi-3.5-MoE's sparsemixer at inference: two experts, picked one after the other.
+
+    The first is the best logit; its weight is its softmax among the logits within a relative
+    ``2 * jitter_eps`` of it (the rest masked out). The second is the best of the others, weighted
+    the same way among the others. Logits in the model dtype, as transformers computes them.
+    """
+
+    top_k = 2
+
+    def __init__(self, hidden: int, num_experts: int, jitter_eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.jitter_eps = jitter_eps
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, self.weight).float()  # [T, E]
+        first_w, first = self._pick(scores, scores)
+        rest = scores.scatter(-1, first, float("-inf"))
+        second_w, second = self._pick(scores, rest)
+        return torch.cat((first_w, second_w), dim=-1), torch.cat((first, second), dim=-1)
+
+    def _pick(self, scores: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best, ids = candidates.max(dim=-1, keepdim=True)  # [T, 1]
+        far = (best - scores) / scores.abs().clamp(min=best) > 2 * self.jitter_eps
+        return F.softmax(candidates.masked_fill(far, float("-inf")), dim=-1).gather(-1, ids), ids
 
 
 def _group_mask(group_scores: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor:

@@ -152,12 +152,17 @@ class GatedAttention(Attention):
         return self.o_proj(out * torch.sigmoid(gate.reshape(T, self.hq * self.d)))
 
 
+def _zero_centred(args: BaseModelArgs):
+    """The family's norm (weight stored as offset from 1) as decoder.py's ``Norm`` factory."""
+    return lambda dim: ZeroCenteredRMSNorm(dim, args.rms_norm_eps)
+
+
 class HybridLayer(DecoderLayer):
     """A decoder layer whose token mixer is ``linear_attn`` (DeltaNet) or ``self_attn``, named as the
     checkpoints name them; zero-centred norms."""
 
     def __init__(self, args: Qwen3NextArgs, mixer: torch.nn.Module, mlp: torch.nn.Module, linear: bool):
-        super().__init__(args, mixer, mlp, norm=ZeroCenteredRMSNorm)
+        super().__init__(args, mixer, mlp, norm=_zero_centred(args))
         if linear:
             del self.self_attn
             self.linear_attn = mixer
@@ -184,7 +189,7 @@ def build(args: Qwen3NextArgs) -> CausalLM:
             mixer = GatedAttention(args, i)
         return HybridLayer(args, mixer, build_mlp(args, i), linear)
 
-    return CausalLM(args, layer, norm=ZeroCenteredRMSNorm)
+    return CausalLM(args, layer, norm=_zero_centred(args))
 
 
 FAMILIES = {

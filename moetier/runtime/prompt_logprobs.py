@@ -67,7 +67,7 @@ def feed_prompt_rows(model, hidden: torch.Tensor, work: list[tuple[PromptSink, i
     for sink, first, targets in work:
         for lo in range(0, len(targets), step):
             hi = min(lo + step, len(targets))
-            logits = model.lm_head(hidden[first + lo:first + hi]).float()  # [r, vocab]
+            logits = model.head(hidden[first + lo:first + hi]).float()  # [r, vocab]
             logp = torch.log_softmax(logits, dim=-1)
             sink.add(logp, torch.tensor(targets[lo:hi], device=logp.device))
 

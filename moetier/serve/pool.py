@@ -61,7 +61,8 @@ class ModelPool:
     A model that fits the budget loads fully resident; one bigger than the whole budget
     loads offloaded with the whole budget as its ``device_memory`` (every other model is
     evicted first). ``load(id, path, device_memory)`` makes an ``LLM``; the CLI passes one
-    that carries the user's other options.
+    that carries the user's other options. ``split`` (id -> device_memory, None for resident) fixes
+    how some models load instead: a served cascade's memory plan (``moetier/cascade_memory.py``).
     """
 
     def __init__(self, models: dict[str, str], load: Callable[[str, str, Optional[int]], object],
@@ -70,6 +71,7 @@ class ModelPool:
             raise ValueError("the server needs at least one model")
         self.entries = {name: Entry(name, path) for name, path in models.items()}
         self.budget = budget
+        self.split: dict[str, Optional[int]] = {}
         self._load = load
         self._lock = threading.Lock()  # guards entry state; held only briefly
         self._loading = threading.Lock()  # one load (and its evictions) at a time
@@ -149,12 +151,17 @@ class ModelPool:
     def _load_entry(self, entry: Entry) -> None:
         """Make room, load, start its worker; the caller holds ``_loading``."""
         want = weights_on_disk(entry.path)
-        offload = self.budget is not None and want > self.budget
-        self._make_room(entry, self.budget if offload else want)
-        log.info("loading %s from %s%s", entry.name, entry.path, " (offloaded: bigger than the budget)" if offload else "")
+        if entry.name in self.split:  # the cascade's plan says resident or offloaded, and within what
+            device_memory = self.split[entry.name]
+            offload, why = device_memory is not None, " (offloaded: the cascade's memory plan)"
+        else:
+            offload, why = self.budget is not None and want > self.budget, " (offloaded: bigger than the budget)"
+            device_memory = self.budget if offload else None
+        self._make_room(entry, device_memory if offload else want)
+        log.info("loading %s from %s%s", entry.name, entry.path, why if offload else "")
         t0 = time.perf_counter()
         try:
-            llm = self._load(entry.name, entry.path, self.budget if offload else None)
+            llm = self._load(entry.name, entry.path, device_memory)
         except Exception as e:
             log.exception("loading %s failed", entry.name)
             raise APIError(500, f"could not load the model {entry.name!r}: {e}", type="server_error",

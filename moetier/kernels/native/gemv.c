@@ -42,7 +42,7 @@ enum { SK_F32 = 0, SK_BF16 = 1, SK_F16 = 2 };
  * some CPUs); each row is multiplied by every input row while it is in L1. Each load also
  * prefetches PF_AHEAD bytes further on in the same stream. */
 #ifndef PF_AHEAD
-#define PF_AHEAD 1024
+#define PF_AHEAD 4096
 #endif
 enum { OUT_F32 = 0, OUT_BF16 = 1 };
 enum { F_BF16 = 1, F_INT8 = 2, F_INT4 = 4, F_BF16DOT = 8 };
@@ -243,6 +243,15 @@ static float dot_int8_ref(const int8_t *w, const void *s, int sk, int64_t G, int
 }
 
 #ifdef MT_VNNI
+/* The weight scales of a row's 64-weight chunk c as 16 lanes (8 per 32-block); G != K. */
+static inline __m512 int8_chunk_scales(const void *s, int sk, int64_t G, int64_t K, int64_t c) {
+    if (G == 32) {
+        float s0 = scale_at(s, sk, 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, 2 * c + 1) : 0.f;
+        return _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+    }
+    return _mm512_set1_ps(scale_at(s, sk, (c * 64) / G));
+}
+
 /* One weight row against R (1..4) quantized input rows: out[r] = sum over k (not yet per-row scaled when
  * G == K). G == K, G == 32 or G % 64 == 0. */
 static inline __attribute__((always_inline)) void dot_int8_row(const int8_t *w, const void *s, int sk, int64_t G,
@@ -256,13 +265,7 @@ static inline __attribute__((always_inline)) void dot_int8_row(const int8_t *w, 
         __mmask64 lm = (c * 64 + 64 <= K) ? ~0ull : ((1ull << (K - c * 64)) - 1);
         _mm_prefetch((const char *)(w + c * 64 + PF_AHEAD), _MM_HINT_T0);
         __m512i wv0 = _mm512_maskz_loadu_epi8(lm, w + c * 64);
-        __m512 ws = _mm512_set1_ps(1.f);
-        if (G == 32) {
-            float s0 = scale_at(s, sk, 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, 2 * c + 1) : 0.f;
-            ws = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
-        } else if (G != K) {
-            ws = _mm512_set1_ps(scale_at(s, sk, (c * 64) / G));
-        }
+        __m512 ws = G != K ? int8_chunk_scales(s, sk, G, K, c) : _mm512_set1_ps(1.f);
         for (int r = 0; r < R; r++) {
             __m512i wv = _mm512_mask_sub_epi8(wv0, x[r]->neg[c], zero, wv0);
             __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(x[r]->absq + c * 64), wv));
@@ -271,6 +274,36 @@ static inline __attribute__((always_inline)) void dot_int8_row(const int8_t *w, 
         }
     }
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+#endif
+
+#ifdef MT_VNNI
+/* Four adjacent weight rows against one quantized input row (the input's loads shared by the four; int8 is
+ * bound by instructions more than by memory). Same sums as dot_int8_row with R = 1. */
+static void dot_int8_4rows(const int8_t *w, int64_t ldw, const void *s, int sk, int64_t lds, int64_t G, int64_t K,
+                           const qrow *r, float out[4]) {
+    __m512 acc[4][2];
+    for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    int64_t n64 = (K + 63) / 64;
+    for (int64_t c = 0; c < n64; c++) {
+        __mmask64 lm = (c * 64 + 64 <= K) ? ~0ull : ((1ull << (K - c * 64)) - 1);
+        __m512i a = _mm512_loadu_si512(r->absq + c * 64);
+        __mmask64 neg = r->neg[c];
+        __m512 sc = _mm512_loadu_ps(r->dv + c * 16);
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(w + i * ldw + c * 64 + PF_AHEAD), _MM_HINT_T0);
+            __m512i wv = _mm512_maskz_loadu_epi8(lm, w + i * ldw + c * 64);
+            wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
+            __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, wv));
+            if (G != K) {
+                const char *si = (const char *)s + i * lds * (sk == SK_F32 ? 4 : 2);
+                f = _mm512_mul_ps(f, int8_chunk_scales(si, sk, G, K, c));
+            }
+            acc[i][c & 1] = _mm512_fmadd_ps(f, sc, acc[i][c & 1]);
+        }
+    }
+    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 #endif
 
@@ -535,7 +568,19 @@ static inline void row_dot(const wdesc *w, int64_t n, const xprep *p, int R, con
 static void rows_dot(const wdesc *w, const xprep *p, int64_t M, int64_t n0, int64_t n1, float *y, int vectorized) {
     int4_lanes c4;
     int4_lanes_make(&c4, w->kind == W_INT4 ? w->G : 32);
-    for (int64_t n = n0; n < n1; n++)
+    int64_t n = n0;
+#ifdef MT_VNNI
+    if (w->kind == W_INT8 && M == 1 && vectorized) {
+        int64_t K = w->K, lds = K / w->G, es = w->sk == SK_F32 ? 4 : 2;
+        for (; n + 4 <= n1; n += 4) {
+            dot_int8_4rows((const int8_t *)w->codes + n * K, K, (const char *)w->scales + n * lds * es, w->sk, lds,
+                           w->G, K, &p->q, y + n);
+            if (w->G == K)
+                for (int i = 0; i < 4; i++) y[n + i] *= scale_at(w->scales, w->sk, n + i);
+        }
+    }
+#endif
+    for (; n < n1; n++)
         for (int64_t m = 0; m < M; m += 4) {
             int R = M - m < 4 ? (int)(M - m) : 4;
             float o[4];
@@ -544,17 +589,16 @@ static void rows_dot(const wdesc *w, const xprep *p, int64_t M, int64_t n0, int6
         }
 }
 
-/* Split N outputs (in blocks of 4) over the threads of the current parallel region. */
-static void my_rows(int64_t N, int64_t *n0, int64_t *n1) {
-#ifdef _OPENMP
-    int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    int t = 0, nt = 1;
-#endif
-    int64_t blocks = (N + 3) / 4, per = blocks / nt, extra = blocks % nt;
-    int64_t b0 = t * per + (t < extra ? t : extra), b1 = b0 + per + (t < extra ? 1 : 0);
-    *n0 = b0 * 4;
-    *n1 = b1 * 4 < N ? b1 * 4 : N;
+/* Rows are handed out CHUNK_ROWS at a time from a shared counter, not split evenly up front: a thread whose core
+ * is busy with another process takes fewer chunks instead of holding the others at the region's end. */
+#define CHUNK_ROWS 64
+
+static void rows_shared(const wdesc *w, const xprep *p, int64_t M, float *y, int vectorized, int64_t *next) {
+    for (;;) {
+        int64_t n0 = __atomic_fetch_add(next, CHUNK_ROWS, __ATOMIC_RELAXED);
+        if (n0 >= w->N) return;
+        rows_dot(w, p, M, n0, n0 + CHUNK_ROWS < w->N ? n0 + CHUNK_ROWS : w->N, y, vectorized);
+    }
 }
 
 static int threads_for(int threads, int64_t N, int64_t K) {
@@ -564,12 +608,9 @@ static int threads_for(int threads, int64_t N, int64_t K) {
 
 /* y[0..N) for one prepared row, the outputs split over `threads` threads */
 static void dot_all(const wdesc *w, const xprep *p, float *y, int threads, int vectorized) {
+    int64_t next = 0;
 #pragma omp parallel num_threads(threads)
-    {
-        int64_t n0, n1;
-        my_rows(w->N, &n0, &n1);
-        rows_dot(w, p, 1, n0, n1, y, vectorized);
-    }
+    rows_shared(w, p, 1, y, vectorized, &next);
 }
 
 /* y[M, N] = x[M, K] @ w^T; x bf16 or f32 rows, y bf16 or f32. 0, or -1 (bad shape / out of memory:
@@ -584,12 +625,9 @@ int mt_gemv(int kind, const void *codes, const void *scales, int sk, int64_t G, 
     for (int64_t m = 0; m < M && !bad; m++)
         bad |= xprep_make(&p[m], &w, (const char *)x + m * K * (x_kind == OUT_BF16 ? 2 : 4), x_kind);
     if (!bad) {
+        int64_t next = 0;
 #pragma omp parallel num_threads(threads_for(threads, N, K))
-        {
-            int64_t n0, n1;
-            my_rows(N, &n0, &n1);
-            rows_dot(&w, p, M, n0, n1, acc, vectorized);
-        }
+        rows_shared(&w, p, M, acc, vectorized, &next);
         for (int64_t i = 0; i < M * N; i++) store_out(y, out_kind, i, acc[i]);
     }
     if (p)
