@@ -52,7 +52,18 @@ def family_config(family: str, hidden: int, inter: int, layers: int, experts: in
                            logits_scaling=6.0),
         "phimoe": dict(intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=2),
         "hunyuan_v1_moe": dict(intermediate_size=inter, num_experts=experts, moe_topk=top_k),
+        # alternating sliding-window (128) and full layers, sinks, biased experts
+        "gpt_oss": dict(intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=top_k),
+        # MoE every other layer (dense MLPs between), chunked attention, NoPE every fourth layer
+        "llama4_text": dict(intermediate_size=inter, intermediate_size_mlp=2 * inter, num_local_experts=experts,
+                            num_experts_per_tok=top_k, interleave_moe_layer_step=2),
+        # gated DeltaNet in 3 of 4 layers, a sigmoid-gated shared expert
+        "qwen3_next": dict(intermediate_size=inter, moe_intermediate_size=inter, shared_expert_intermediate_size=inter,
+                           num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+                           linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=64,
+                           linear_value_head_dim=64, linear_conv_kernel_dim=4),
     }
+    per_family["qwen3_5_moe_text"] = dict(per_family["qwen3_next"])
     if family not in per_family:
         raise SystemExit(f"--family {family!r}: one of {', '.join(per_family)}")
     return {**cfg, **per_family[family]}
