@@ -23,8 +23,8 @@ from moetier import LLM, ConfigError, SamplingParams
 from moetier.models import fused
 from moetier.models.moe import SparseMoeBlock
 from moetier.weights.loader import load_args, load_model
-from tiny import (MORE_FAMILY_CONFIGS, assert_logits_close, built_case, fixed_machine_profile, make_checkpoint,
-                  moetier_logits, reference_greedy, reference_logits)
+from tiny import (MORE_FAMILY_CONFIGS, assert_logits_close, built_case, check_cache_paths, check_greedy,
+                  fixed_machine_profile, make_checkpoint, moetier_logits, reference_greedy, reference_logits)
 from tiny import _COMMON as COMMON
 
 CONFIGS = MORE_FAMILY_CONFIGS
@@ -89,23 +89,12 @@ def test_sparse_and_dense_layers_follow_config(case):
         assert not all(ours)  # the config has dense layers: make sure they are exercised
 
 
-def test_prefill_logits_match(case):
-    assert_logits_close(moetier_logits(case["model"], IDS), case["ref"])
-
-
-def test_decode_through_kv_cache_matches(case):
-    assert_logits_close(moetier_logits(case["model"], IDS, split=6), case["ref"])
-
-
-def test_chunked_prefill_matches(case):
-    """Prompt chunks that start mid-sequence (and past a sliding window) against the cache."""
-    assert_logits_close(moetier_logits(case["model"], IDS, chunks=[4, 5, 1, 2], capacity=4), case["ref"])
+def test_prefill_decode_and_chunks_match(case):
+    check_cache_paths(case, IDS)
 
 
 def test_greedy_continuation_identical(case):
-    llm = LLM(case["path"], dtype="float32")
-    out = llm.generate([{"prompt_token_ids": IDS}], PARAMS, use_tqdm=False)
-    assert out[0].outputs[0].token_ids == reference_greedy(case["path"], IDS, GREEDY_TOKENS)
+    check_greedy(case, IDS, GREEDY_TOKENS)
 
 
 def test_batched_equals_one_at_a_time_and_transformers(hub_case):

@@ -142,6 +142,24 @@ def llm_greedy(folder: Path, prompts: list[list[int]], n: int) -> list[list[int]
     return [o.outputs[0].token_ids for o in out]
 
 
+def check_cache_paths(case: dict, ids: list[int]) -> None:
+    """A built parity case (:func:`built_case`) against transformers' logits: whole prefill, decode through the
+    cache after 6 tokens, and prompt chunks that start mid-sequence (and past a sliding window)."""
+    assert_logits_close(moetier_logits(case["model"], ids), case["ref"])
+    assert_logits_close(moetier_logits(case["model"], ids, split=6), case["ref"])
+    assert_logits_close(moetier_logits(case["model"], ids, chunks=[4, 5, 1, 2], capacity=4), case["ref"])
+
+
+def check_greedy(case: dict, ids: list[int], tokens: int) -> None:
+    """``LLM`` greedy decode of ``ids`` gives transformers' tokens."""
+    from moetier import LLM, SamplingParams
+
+    llm = LLM(case["path"], dtype="float32")
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == reference_greedy(case["path"], ids, tokens)
+
+
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
     """Max abs difference within ``rel`` x the reference's largest logit."""
     scale = ref.abs().max().item()
