@@ -152,12 +152,7 @@ def check_cache_paths(case: dict, ids: list[int]) -> None:
 
 def check_greedy(case: dict, ids: list[int], tokens: int) -> None:
     """``LLM`` greedy decode of ``ids`` gives transformers' tokens."""
-    from moetier import LLM, SamplingParams
-
-    llm = LLM(case["path"], dtype="float32")
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
-    assert out[0].outputs[0].token_ids == reference_greedy(case["path"], ids, tokens)
+    assert llm_greedy(case["path"], [ids], tokens) == [reference_greedy(case["path"], ids, tokens)]
 
 
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:

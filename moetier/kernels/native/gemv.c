@@ -567,7 +567,7 @@ static inline void row_dot(const wdesc *w, int64_t n, const xprep *p, int R, con
  * every input row, 4 at a time. */
 static void rows_dot(const wdesc *w, const xprep *p, int64_t M, int64_t n0, int64_t n1, float *y, int vectorized) {
     int4_lanes c4;
-    int4_lanes_make(&c4, w->kind == W_INT4 ? w->G : 32);
+    if (w->kind == W_INT4) int4_lanes_make(&c4, w->G);
     int64_t n = n0;
 #ifdef MT_VNNI
     if (w->kind == W_INT8 && M == 1 && vectorized) {
