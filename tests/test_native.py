@@ -12,6 +12,8 @@ from moetier import LLM, SamplingParams
 from moetier.kernels import native
 from moetier.kernels.quant import QuantScheme, quantize
 
+from tiny import kernel_rows
+
 pytestmark = pytest.mark.skipif(not native.kinds(), reason="no C compiler or no AVX-512 here: torch's kernels serve")
 
 
@@ -24,15 +26,6 @@ def plain_bf16_weights(monkeypatch):
     monkeypatch.setattr(prepack, "native_first", lambda: True)
 
 
-def _rows_quantized(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[M, K]`` as the int kernels see it: int8 per block of 32, scale max|x| / 127, round half to even."""
-    M, K = x.shape
-    b = x.float().view(M, K // 32, 32)
-    d = b.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(d > 0, b / torch.where(d > 0, d, 1), 0).round().clamp(-127, 127)
-    return (q * d).view(M, K)
-
-
 def _weight(n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
@@ -41,25 +34,27 @@ def _weight(n, k, seed=0):
     return w
 
 
-CASES = [("int8", None), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256)]
+CASES = [("int8", None), ("int8", 32), ("int8", 64), ("int8", 512), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256)]
 
 
 @pytest.mark.parametrize("vectorized", [True, False])
-# K 1056: two full groups of 16 int4 blocks and a short one; only groups that divide K
-@pytest.mark.parametrize("kind,group,K", [(k, g, K) for k, g in CASES for K in (256, 1056, 96) if not g or K % g == 0])
+# K 1056: two full groups of 16 int4 blocks and a short one (int8: two 512-spans and half a load); 1536: three
+# spans (int8 groups of 512); only groups that divide K
+@pytest.mark.parametrize("kind,group,K", [(k, g, K) for k, g in CASES for K in (256, 1056, 96, 1536)
+                                          if (not g or K % g == 0) and (K == 1536) == (g == 512)])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [1, 3, 6])  # one row (int8: 4 weight rows at once), a partial block, 4 + 2 rows
+@pytest.mark.parametrize("M", [1, 3, 6])  # one row, a partial block of 4 rows, 4 + 2 rows
 def test_int_kernels_match_the_reference_on_quantized_rows(kind, group, K, vectorized, scale_dtype, M):
-    N = 38  # not a multiple of 4 (int8's 4-row blocks)
+    N = 38  # not a multiple of the 64-row chunks threads take
     qw = quantize(_weight(N, K), QuantScheme(kind, group), dtype=scale_dtype, layout="rows" if kind == "int4" else None)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
-    want = _rows_quantized(x).double() @ qw.dequantize().double().T
+    xq, half_step = kernel_rows(x, kind)
+    want = xq.double() @ qw.dequantize().double().T
     got = native.gemv(x, qw, vectorized=vectorized).double()
     assert ((got - want).abs() <= 1e-5 * want.abs().max() + 1e-5).all()
     # and the rows' quantization is what separates it from float activations: within half a step per input
-    step = x.view(M, -1, 32).abs().amax(-1, keepdim=True).expand(M, K // 32, 32).reshape(M, K) / 254
     exact = x.double() @ qw.dequantize().double().T
-    assert ((got - exact).abs() <= step.double() @ qw.dequantize().double().abs().T * 1.001 + 1e-4).all()
+    assert ((got - exact).abs() <= half_step.double() @ qw.dequantize().double().abs().T * 1.001 + 1e-4).all()
 
 
 @pytest.mark.parametrize("vectorized", [True, False])

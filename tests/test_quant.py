@@ -13,6 +13,7 @@ from moetier.kernels.linear import has_kernel, kernel_linear, quant_linear
 from moetier.kernels.quant import (INT4_ORDERS, QuantError, QuantScheme, int4_from_codes, int4_kernel_layout,
                                    int8_from_codes, pack_int4, parse_scheme, quantize, unpack_int4)
 from moetier.models.prepack import linear
+from tiny import kernel_rows
 
 
 def weight(n=128, k=256, seed=0):
@@ -147,9 +148,9 @@ def test_linear_dispatch_agrees_with_the_reference_at_every_width(kind, group, r
     x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(4))
     bias = torch.randn(128)
     want = _reference(x, qw) + bias
-    # moetier's own few-row kernels quantize the rows to int8 per 32 (as llama.cpp does): each input is off by
-    # at most half its block's step, max|x| / 127 / 2, so an output by at most sum_k |w_k| * that
-    step = x.view(2, rows, 8, 32).abs().amax(-1, keepdim=True).expand(2, rows, 8, 32).reshape(2, rows, 256) / 254
+    # moetier's own few-row kernels quantize the rows to int8 per 32 inputs (as llama.cpp does): each input is
+    # off by at most half its group's step, max|x| / 127 / 2, so an output by at most sum_k |w_k| * that
+    step = kernel_rows(x, kind)[1]
     bound = step @ qw.dequantize().abs().T * 1.001 + 1e-3 + 1e-4 * want.abs()
     assert ((linear(x, qw, bias) - want).abs() <= bound).all()
     assert quant_linear(x, qw).shape == (2, rows, 128)

@@ -162,6 +162,24 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4
     assert diff <= rel * scale, f"max |diff| {diff:.3g} > {rel} x max|logit| {scale:.3g}"
 
 
+def kernel_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[..., K]`` as moetier's own int kernels see it, and each input's largest rounding error.
+
+    The rows are quantized to int8 per group of 32 inputs, scale ``d = max|x| / 127``, codes ``x * (1 / d)`` in
+    float32 rounded half to even;
+    int4's groups are the weight's 32-blocks (``k // 32``); int8's are strided (kernels/native/gemv.c):
+    within each 512-span, lane group ``l`` is the inputs ``64 t + 4 l + i``. Computed here from that
+    statement, not by the code under test. Returns (the dequantized rows, half a step per input)."""
+    K = x.shape[-1]
+    k = torch.arange(K)
+    group = k // 32 if kind == "int4" else (k // 512) * 16 + (k % 64) // 4
+    xf = x.float().reshape(-1, K)
+    amax = torch.zeros(xf.shape[0], int(group.max()) + 1).scatter_reduce(1, group.expand_as(xf), xf.abs(), "amax")
+    d = (amax / 127)[:, group]
+    q = torch.where(d > 0, xf * (1 / torch.where(d > 0, d, 1)), 0).round().clamp(-127, 127)
+    return (q * d).view(x.shape), (d / 2).view(x.shape)
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
 

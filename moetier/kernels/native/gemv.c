@@ -8,8 +8,11 @@
  *           32-weight block of a row in 16 bytes: byte j holds q[j] (low nibble) and q[j + 16]
  *           (high nibble) -- GGUF Q4_0's block order. scale/zero pairs [N, K / G, 2].
  *
- * The int kinds quantize the input rows to int8 per block of 32 (scale max|x| / 127, as llama.cpp's
- * Q8_0 activations) and sum products of integers with AVX-512 VNNI, scaling once per block.
+ * The int kinds quantize the input rows to int8 per group of 32 values (scale max|x| / 127, as llama.cpp's
+ * Q8_0 activations) and sum products of integers with AVX-512 VNNI. int4 groups are the weight's 32-blocks.
+ * int8 groups are strided so that one dot-product lane sums a whole group: within each span of 512 inputs,
+ * lane l's group is inputs 64 t + 4 l + i (t = 0..7, i = 0..3). A per-channel int8 row then costs one
+ * integer dot product per 64 weights and one float scaling per 512 (see dot_int8_row).
  * Scales may be float32, bfloat16 or float16 (SK_*). Outputs are float32 or bfloat16 (rounded to
  * nearest even). Work is split over output rows among `threads` OpenMP threads (the runtime torch
  * itself uses, so one thread pool serves both).
@@ -144,16 +147,41 @@ static inline int64_t int4_pos(int64_t nb, int64_t b, int i) {
     return 256 * g + 4 * nbk * (i / 4) + 4 * (b % 16) + i % 4;
 }
 
+/* int8 kernel: x [K] quantized per lane group (the header): q [K] in input order, d8 / c8 [16 per 512-span]. */
+static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, float *d8, int32_t *c8) {
+    for (int64_t s = 0; s * 512 < K; s++)
+        for (int l = 0; l < 16; l++) {
+            float amax = 0.f;
+            for (int64_t k = s * 512 + 4 * l; k < K && k < s * 512 + 512; k += 64)
+                for (int i = 0; i < 4 && k + i < K; i++) {
+                    float a = fabsf(x_at(x, x_kind, k + i));
+                    amax = a > amax ? a : amax;
+                }
+            float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
+            int32_t sum = 0;
+            for (int64_t k = s * 512 + 4 * l; k < K && k < s * 512 + 512; k += 64)
+                for (int i = 0; i < 4 && k + i < K; i++) {
+                    int32_t c = (int32_t)nearbyintf(x_at(x, x_kind, k + i) * id);
+                    c = c > 127 ? 127 : (c < -127 ? -127 : c);
+                    q[k + i] = (int8_t)c;
+                    sum += c;
+                }
+            d8[s * 16 + l] = db;
+            c8[s * 16 + l] = 128 * sum;
+        }
+}
+
 typedef struct {
     int64_t K, nb;        /* inputs, 32-blocks */
     int8_t *q;            /* [K] codes, natural order */
     float *d;             /* [nb] block scales */
     int32_t *sum;         /* [nb] block sums of codes */
-    uint8_t *absq;        /* int8 kernel: |q| */
-    uint64_t *neg;        /* int8 kernel: sign masks, one bit per code, 64 per chunk */
+    float *d8;            /* int8 kernel: [nsc * 16] lane-group scales, 16 per 512-span */
+    int32_t *c8;          /* int8 kernel: [nsc * 16] 128 * sum of each lane group's codes */
+    uint8_t *absq;        /* int8 kernel, grouped weights: |q| */
+    uint64_t *neg;        /* int8 kernel, grouped weights: sign masks, one bit per code, 64 per chunk */
     int8_t *q4a, *q4b;    /* int4 kernel: codes in the weights' byte order (int4_pos), low / high nibbles */
     float *xs;            /* int4 kernel: [nb] d * sum q of each block */
-    float *dv;            /* int8 kernel: chunk scale vectors [nb/2][16] (8 lanes a block) */
 } qrow;
 
 static void *xalloc(size_t n) {
@@ -164,46 +192,45 @@ static void *xalloc(size_t n) {
 }
 
 static void qrow_free(qrow *r) {
-    free(r->q); free(r->d); free(r->sum); free(r->absq); free(r->neg); free(r->q4a); free(r->q4b); free(r->xs); free(r->dv);
+    free(r->q); free(r->d); free(r->sum); free(r->absq); free(r->neg); free(r->q4a); free(r->q4b); free(r->xs); free(r->d8); free(r->c8);
 }
 
-/* kind: 8 or 4 (which reordered forms to build). 0 on success. */
+/* kind: 8 or 4 (which grouping and reordered forms to build). 0 on success. */
 static int qrow_make(qrow *r, const void *x, int x_kind, int64_t K, int kind) {
     memset(r, 0, sizeof(*r));
     r->K = K;
     r->nb = K / 32;
-    int64_t nc = (K + 127) / 128 * 4;  /* 32-blocks rounded up to whole 128-chunks */
-    r->q = xalloc((size_t)nc * 32);
-    r->d = xalloc((size_t)nc * 4);
-    r->sum = xalloc((size_t)nc * 4);
-    r->dv = xalloc((size_t)nc * 8 * 4);
-    if (!r->q || !r->d || !r->sum || !r->dv) return -1;
-    quantize_row(x, x_kind, K, r->q, r->d, r->sum);
+    int64_t nsc = (K + 511) / 512;  /* 512-spans */
+    r->q = xalloc((size_t)nsc * 512);
+    if (!r->q) return -1;
     if (kind == 8) {
-        int64_t n64 = (K + 63) / 64;
-        r->absq = xalloc((size_t)n64 * 64);
-        r->neg = xalloc((size_t)n64 * 8);
-        if (!r->absq || !r->neg) return -1;
+        r->d8 = xalloc((size_t)nsc * 16 * 4);
+        r->c8 = xalloc((size_t)nsc * 16 * 4);
+        r->absq = xalloc((size_t)nsc * 512);
+        r->neg = xalloc((size_t)nsc * 8 * 8);
+        if (!r->d8 || !r->c8 || !r->absq || !r->neg) return -1;
+        quantize_row_lanes(x, x_kind, K, r->q, r->d8, r->c8);
         for (int64_t i = 0; i < K; i++) {
             int8_t c = r->q[i];
             r->absq[i] = (uint8_t)(c < 0 ? -c : c);
             if (c < 0) r->neg[i / 64] |= 1ull << (i % 64);
         }
-        for (int64_t b = 0; b < r->nb; b++)
-            for (int j = 0; j < 8; j++) r->dv[b * 8 + j] = r->d[b];
-    } else {
-        r->q4a = xalloc((size_t)K / 2 + 64);
-        r->q4b = xalloc((size_t)K / 2 + 64);
-        r->xs = xalloc((size_t)(r->nb + 16) * 4);
-        if (!r->q4a || !r->q4b || !r->xs) return -1;
-        for (int64_t b = 0; b < r->nb; b++) {
-            for (int i = 0; i < 16; i++) {
-                int64_t at = int4_pos(r->nb, b, i);
-                r->q4a[at] = r->q[b * 32 + i];
-                r->q4b[at] = r->q[b * 32 + 16 + i];
-            }
-            r->xs[b] = r->d[b] * (float)r->sum[b];
+        return 0;
+    }
+    r->d = xalloc((size_t)nsc * 16 * 4);
+    r->sum = xalloc((size_t)nsc * 16 * 4);
+    r->q4a = xalloc((size_t)K / 2 + 64);
+    r->q4b = xalloc((size_t)K / 2 + 64);
+    r->xs = xalloc((size_t)(r->nb + 16) * 4);
+    if (!r->d || !r->sum || !r->q4a || !r->q4b || !r->xs) return -1;
+    quantize_row(x, x_kind, K, r->q, r->d, r->sum);
+    for (int64_t b = 0; b < r->nb; b++) {
+        for (int i = 0; i < 16; i++) {
+            int64_t at = int4_pos(r->nb, b, i);
+            r->q4a[at] = r->q[b * 32 + i];
+            r->q4b[at] = r->q[b * 32 + 16 + i];
         }
+        r->xs[b] = r->d[b] * (float)r->sum[b];
     }
     return 0;
 }
@@ -229,21 +256,30 @@ static inline void store_out16(void *y, int out_kind, int64_t i, __m512 v) {
 
 /* ------------------------------------------------------------------ int8 */
 
-/* One row n of an int8 weight against one quantized input row: sum over k (not yet per-row scaled
- * when G == K). */
+/* One row of an int8 weight against one quantized input row: sum over k (not yet per-row scaled when G == K).
+ * Each (lane group, weight group) piece is summed in integers, then scaled. */
 static float dot_int8_ref(const int8_t *w, const void *s, int sk, int64_t G, int64_t K, const qrow *r) {
     float acc = 0.f;
-    for (int64_t b = 0; b < r->nb; b++) {
-        int32_t t = 0;
-        for (int j = 0; j < 32; j++) t += (int32_t)w[b * 32 + j] * r->q[b * 32 + j];
-        float ws = G == K ? 1.f : scale_at(s, sk, (b * 32) / G);
-        acc += (float)t * r->d[b] * ws;
-    }
+    for (int64_t sp = 0; sp * 512 < K; sp++)
+        for (int l = 0; l < 16; l++) {
+            int32_t t = 0;
+            int64_t g = -1;
+            for (int64_t k = sp * 512 + 4 * l; k < K && k < sp * 512 + 512; k += 64)
+                for (int i = 0; i < 4 && k + i < K; i++) {
+                    if ((k + i) / G != g) {
+                        if (g >= 0) acc += (float)t * r->d8[sp * 16 + l] * (G == K ? 1.f : scale_at(s, sk, g));
+                        t = 0;
+                        g = (k + i) / G;
+                    }
+                    t += (int32_t)w[k + i] * r->q[k + i];
+                }
+            if (g >= 0) acc += (float)t * r->d8[sp * 16 + l] * (G == K ? 1.f : scale_at(s, sk, g));
+        }
     return acc;
 }
 
 #ifdef MT_VNNI
-/* The weight scales of a row's 64-weight chunk c as 16 lanes (8 per 32-block); G != K. */
+/* The weight scales of a row's 64-weight chunk c as 16 lanes (8 per 32-block); G < 512. */
 static inline __m512 int8_chunk_scales(const void *s, int sk, int64_t G, int64_t K, int64_t c) {
     if (G == 32) {
         float s0 = scale_at(s, sk, 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, 2 * c + 1) : 0.f;
@@ -252,58 +288,57 @@ static inline __m512 int8_chunk_scales(const void *s, int sk, int64_t G, int64_t
     return _mm512_set1_ps(scale_at(s, sk, (c * 64) / G));
 }
 
-/* One weight row against R (1..4) quantized input rows: out[r] = sum over k (not yet per-row scaled when
- * G == K). G == K, G == 32 or G % 64 == 0. */
+/* One int8 weight row against R (1..4) quantized input rows: out[r] = sum over k (not yet per-row scaled when
+ * G == K). Lane l of a 64-weight load lies in lane group l of its 512-span, so the integer dot products of a
+ * span's 8 loads add up in each lane before one conversion and one scaling by the lane groups' scales.
+ * Weights are signed and VNNI multiplies unsigned by signed: w ^ 0x80 = w + 128 as unsigned, and
+ * 128 * (the group's code sum) is taken off after. Grouped weights (G < 512) change scale within a span:
+ * there the weight's sign goes onto |x| and each load is scaled by its weight scales. */
 static inline __attribute__((always_inline)) void dot_int8_row(const int8_t *w, const void *s, int sk, int64_t G,
                                                                int64_t K, const qrow *const *x, const int R,
                                                                float *out) {
-    __m512 acc[4][2];
-    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
-    int64_t n64 = (K + 63) / 64;
-    for (int64_t c = 0; c < n64; c++) {
-        __mmask64 lm = (c * 64 + 64 <= K) ? ~0ull : ((1ull << (K - c * 64)) - 1);
-        _mm_prefetch((const char *)(w + c * 64 + PF_AHEAD), _MM_HINT_T0);
-        __m512i wv0 = _mm512_maskz_loadu_epi8(lm, w + c * 64);
-        __m512 ws = G != K ? int8_chunk_scales(s, sk, G, K, c) : _mm512_set1_ps(1.f);
-        for (int r = 0; r < R; r++) {
-            __m512i wv = _mm512_mask_sub_epi8(wv0, x[r]->neg[c], zero, wv0);
-            __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(x[r]->absq + c * 64), wv));
-            if (G != K) f = _mm512_mul_ps(f, ws);
-            acc[r][c & 1] = _mm512_fmadd_ps(f, _mm512_loadu_ps(x[r]->dv + c * 16), acc[r][c & 1]);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-}
-#endif
-
-#ifdef MT_VNNI
-/* Four adjacent weight rows against one quantized input row (the input's loads shared by the four; int8 is
- * bound by instructions more than by memory). Same sums as dot_int8_row with R = 1. */
-static void dot_int8_4rows(const int8_t *w, int64_t ldw, const void *s, int sk, int64_t lds, int64_t G, int64_t K,
-                           const qrow *r, float out[4]) {
-    __m512 acc[4][2];
-    for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
-    int64_t n64 = (K + 63) / 64;
-    for (int64_t c = 0; c < n64; c++) {
-        __mmask64 lm = (c * 64 + 64 <= K) ? ~0ull : ((1ull << (K - c * 64)) - 1);
-        __m512i a = _mm512_loadu_si512(r->absq + c * 64);
-        __mmask64 neg = r->neg[c];
-        __m512 sc = _mm512_loadu_ps(r->dv + c * 16);
-        for (int i = 0; i < 4; i++) {
-            _mm_prefetch((const char *)(w + i * ldw + c * 64 + PF_AHEAD), _MM_HINT_T0);
-            __m512i wv = _mm512_maskz_loadu_epi8(lm, w + i * ldw + c * 64);
-            wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
-            __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, wv));
-            if (G != K) {
-                const char *si = (const char *)s + i * lds * (sk == SK_F32 ? 4 : 2);
-                f = _mm512_mul_ps(f, int8_chunk_scales(si, sk, G, K, c));
+    __m512 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512(), bias = _mm512_set1_epi8((char)0x80);
+    const int wide = G == K || G % 512 == 0;
+    for (int64_t k0 = 0; k0 < K; k0 += 512) {
+        int64_t nl = (K - k0 + 63) / 64 < 8 ? (K - k0 + 63) / 64 : 8, sp = k0 / 512;
+        if (wide) {
+            __m512i A[4][2];
+            for (int r = 0; r < 4; r++) A[r][0] = A[r][1] = zero;
+            for (int64_t t = 0; t < nl; t++) {
+                int64_t k = k0 + 64 * t;
+                __mmask64 lm = k + 64 <= K ? ~0ull : ((1ull << (K - k)) - 1);
+                _mm_prefetch((const char *)(w + k + PF_AHEAD), _MM_HINT_T0);
+                __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(lm, w + k), bias);
+                for (int r = 0; r < R; r++)
+                    A[r][t & 1] = _mm512_dpbusd_epi32(A[r][t & 1], wv, _mm512_loadu_si512(x[r]->q + k));
             }
-            acc[i][c & 1] = _mm512_fmadd_ps(f, sc, acc[i][c & 1]);
+            __m512 ws = _mm512_set1_ps(G == K ? 1.f : scale_at(s, sk, k0 / G));
+            for (int r = 0; r < R; r++) {
+                __m512i S = _mm512_sub_epi32(_mm512_add_epi32(A[r][0], A[r][1]), _mm512_loadu_si512(x[r]->c8 + 16 * sp));
+                __m512 d = _mm512_mul_ps(_mm512_loadu_ps(x[r]->d8 + 16 * sp), ws);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), d, acc[r]);
+            }
+        } else {
+            __m512 F[4];
+            for (int r = 0; r < 4; r++) F[r] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < nl; t++) {
+                int64_t k = k0 + 64 * t, c = k / 64;
+                __mmask64 lm = k + 64 <= K ? ~0ull : ((1ull << (K - k)) - 1);
+                _mm_prefetch((const char *)(w + k + PF_AHEAD), _MM_HINT_T0);
+                __m512i wv0 = _mm512_maskz_loadu_epi8(lm, w + k);
+                __m512 ws = int8_chunk_scales(s, sk, G, K, c);
+                for (int r = 0; r < R; r++) {
+                    __m512i wv = _mm512_mask_sub_epi8(wv0, x[r]->neg[c], zero, wv0);
+                    __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(x[r]->absq + k), wv));
+                    F[r] = _mm512_fmadd_ps(f, ws, F[r]);
+                }
+            }
+            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(F[r], _mm512_loadu_ps(x[r]->d8 + 16 * sp), acc[r]);
         }
     }
-    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 #endif
 
@@ -569,17 +604,6 @@ static void rows_dot(const wdesc *w, const xprep *p, int64_t M, int64_t n0, int6
     int4_lanes c4;
     if (w->kind == W_INT4) int4_lanes_make(&c4, w->G);
     int64_t n = n0;
-#ifdef MT_VNNI
-    if (w->kind == W_INT8 && M == 1 && vectorized) {
-        int64_t K = w->K, lds = K / w->G, es = w->sk == SK_F32 ? 4 : 2;
-        for (; n + 4 <= n1; n += 4) {
-            dot_int8_4rows((const int8_t *)w->codes + n * K, K, (const char *)w->scales + n * lds * es, w->sk, lds,
-                           w->G, K, &p->q, y + n);
-            if (w->G == K)
-                for (int i = 0; i < 4; i++) y[n + i] *= scale_at(w->scales, w->sk, n + i);
-        }
-    }
-#endif
     for (; n < n1; n++)
         for (int64_t m = 0; m < M; m += 4) {
             int R = M - m < 4 ? (int)(M - m) : 4;
