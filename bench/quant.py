@@ -24,7 +24,7 @@ Three parts (``--only`` picks some):
 ``offload``
     The 32-layer synthetic Mixtral (same dims, 5.6 GiB bf16) in a memory cgroup of ``--ram-limit``
     (1 GiB, page cache counted, bench/cgroup.py): moetier int4 (``--quant int4 --quant-dense int8``)
-    at each ``--budgets`` entry (bench/latency.py's worker) vs llama.cpp Q4_0 with plain mmap
+    at each ``--budgets`` entry (bench/latency_worker.py) vs llama.cpp Q4_0 with plain mmap
     (``use_extra_bufts=False``; its default repacking copies the weights into anonymous memory).
     With each moetier row: the bytes it read from disk per token / the disk's O_DIRECT rate, the
     time a token must take at least.
@@ -351,7 +351,7 @@ def worker_llama_offload(spec: dict) -> None:
 
 
 def part_offload(args, m: dict) -> dict:
-    from latency import disk_rates
+    from latency_worker import disk_rates
     from moetier.units import parse_size
 
     limit = parse_size(args.ram_limit)
@@ -367,7 +367,7 @@ def part_offload(args, m: dict) -> dict:
     for r in range(args.offload_rounds):
         for b in args.budgets:
             drop_file_cache(files)
-            got = spawn_worker(str(ROOT / "bench" / "latency.py"), {**base, "kind": "moetier", "budget": b},
+            got = spawn_worker(str(ROOT / "bench" / "latency_worker.py"), {**base, "kind": "moetier", "budget": b},
                                args.timeout, tags=("budget",), ram_limit=limit)
             for row in got:
                 row.update(budget=b, round=r)
