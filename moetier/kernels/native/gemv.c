@@ -279,14 +279,6 @@ static float dot_int8_ref(const int8_t *w, const void *s, int sk, int64_t G, int
 }
 
 #ifdef MT_VNNI
-/* The weight scales of a row's 64-weight chunk c as 16 lanes (8 per 32-block); G < 512. */
-static inline __m512 int8_chunk_scales(const void *s, int sk, int64_t G, int64_t K, int64_t c) {
-    if (G == 32) {
-        float s0 = scale_at(s, sk, 2 * c), s1 = (c * 64 + 32 < K) ? scale_at(s, sk, 2 * c + 1) : 0.f;
-        return _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
-    }
-    return _mm512_set1_ps(scale_at(s, sk, (c * 64) / G));
-}
 
 /* One int8 weight row against R (1..4) quantized input rows: out[r] = sum over k (not yet per-row scaled when
  * G == K). Lane l of a 64-weight load lies in lane group l of its 512-span, so the integer dot products of a
@@ -300,6 +292,7 @@ static inline __attribute__((always_inline)) void dot_int8_row(const int8_t *w, 
     __m512 acc[4];
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
     const __m512i zero = _mm512_setzero_si512(), bias = _mm512_set1_epi8((char)0x80);
+    const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  /* lanes 8-15: block + 1 */
     const int wide = G == K || G % 512 == 0;
     for (int64_t k0 = 0; k0 < K; k0 += 512) {
         int64_t nl = (K - k0 + 63) / 64 < 8 ? (K - k0 + 63) / 64 : 8, sp = k0 / 512;
@@ -321,14 +314,19 @@ static inline __attribute__((always_inline)) void dot_int8_row(const int8_t *w, 
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), d, acc[r]);
             }
         } else {
-            __m512 F[4];
+            __m512 F[4], S32 = _mm512_setzero_ps();
             for (int r = 0; r < 4; r++) F[r] = _mm512_setzero_ps();
+            if (G == 32) { /* the span's (up to) 16 block scales; load t takes blocks 2t (lanes 0-7) and 2t + 1 */
+                int64_t nb = (K - k0) / 32 < 16 ? (K - k0) / 32 : 16;
+                S32 = load_scales16(s, sk, k0 / 32, (__mmask16)((1u << nb) - 1));
+            }
             for (int64_t t = 0; t < nl; t++) {
                 int64_t k = k0 + 64 * t, c = k / 64;
                 __mmask64 lm = k + 64 <= K ? ~0ull : ((1ull << (K - k)) - 1);
                 _mm_prefetch((const char *)(w + k + PF_AHEAD), _MM_HINT_T0);
                 __m512i wv0 = _mm512_maskz_loadu_epi8(lm, w + k);
-                __m512 ws = int8_chunk_scales(s, sk, G, K, c);
+                __m512 ws = G == 32 ? _mm512_permutexvar_ps(_mm512_add_epi32(half, _mm512_set1_epi32(2 * (int)t)), S32)
+                                    : _mm512_set1_ps(scale_at(s, sk, k / G));
                 for (int r = 0; r < R; r++) {
                     __m512i wv = _mm512_mask_sub_epi8(wv0, x[r]->neg[c], zero, wv0);
                     __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(x[r]->absq + k), wv));
