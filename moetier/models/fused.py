@@ -39,6 +39,7 @@ from ..kernels.quant import QuantWeight
 from .decoder import DecoderLayer
 from .layers import Attention, RMSNorm
 from .moe import Experts, SoftmaxTopKRouter, SparseMoeBlock, fused_ok
+from .prepack import DispatchedLinear
 
 ENV = "MOETIER_FUSED"
 
@@ -72,7 +73,7 @@ def _signatures(so) -> None:
 
 def _weight(m: nn.Module):
     """The weight a projection module multiplies by, if the native kernels read it at one row; else None."""
-    w = m.qweight if hasattr(m, "qweight") else (m.weight if type(m) is nn.Linear else None)
+    w = m.qweight if hasattr(m, "qweight") else (m.weight if type(m) in (nn.Linear, DispatchedLinear) else None)
     if w is None or not has_native(w):
         return None
     kind = w.kind if type(w) is QuantWeight else "bf16"

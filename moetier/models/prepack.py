@@ -136,17 +136,44 @@ class PackedLinear(nn.Linear):
         return linear(x, self.packed, self.bias)
 
 
+class DispatchedLinear(nn.Linear):
+    """An ``nn.Linear`` on a plain bf16 weight that multiplies through :func:`linear`: moetier's own kernel for
+    few rows, the float32 path for wide calls, the bf16 kernel between (``F.linear`` alone would take oneDNN's
+    bf16 GEMM at every width, at about half the float32 rate on CPUs without AMX)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def _dispatch_plain(model: nn.Module) -> int:
+    """Every bf16 CPU ``nn.Linear`` of ``model`` as a :class:`DispatchedLinear` (the weight untouched, so tied and
+    directly read weights included); how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
+            m.__class__ = DispatchedLinear
+            n += 1
+    return n
+
+
 def prepack(model: nn.Module) -> int:
     """Pack the bf16 CPU weights of ``model``'s linear layers and resident experts in place.
 
     Skipped: weights shared with another module (a tied LM head) and those a module reads
     directly (listed in its ``keep_unpacked``, e.g. DeepSeek's ``kv_b_proj``). Returns how
-    many weight matrices were packed.
+    many weight matrices were packed. Where bf16 weights stay plain for moetier's own kernel
+    (:func:`native_first`), none is packed: the linear layers multiply through :func:`linear` instead.
     """
     from .moe import Experts
 
     weights = [p for p in model.parameters() if p.device.type == "cpu"]
-    if not weights or not supported(weights[0].dtype) or native_first():
+    if not weights or weights[0].dtype != torch.bfloat16:
+        return 0
+    if native_first():
+        _dispatch_plain(model)
+        upcast_rows(torch.get_num_threads())
+        return 0
+    if not supported(weights[0].dtype):
         return 0
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
