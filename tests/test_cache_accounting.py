@@ -58,7 +58,8 @@ def test_deltanet_state_is_counted_once_per_sequence(model_type):
     _, args = _args(model_type)
     per, full, _, states = _layers(args)
     c = QWEN3_NEXT
-    conv = 2 * c["linear_num_key_heads"] * c["linear_key_head_dim"] + c["linear_num_value_heads"] * c["linear_value_head_dim"]
+    conv = (2 * c["linear_num_key_heads"] * c["linear_key_head_dim"]
+            + c["linear_num_value_heads"] * c["linear_value_head_dim"])
     state = (conv * (c["linear_conv_kernel_dim"] - 1)
              + c["linear_num_value_heads"] * c["linear_key_head_dim"] * c["linear_value_head_dim"]) * 4
     assert states and all(s.bytes_per_seq == state for s in states)
@@ -163,7 +164,8 @@ def test_bench_bytes_and_flops_per_step(model_type):
         assert shape.state_flops_per_token == flops > 0
         one = Step(seconds=1.0, starts=[0], lengths=[1], experts=[0] * shape.moe_layers)
         two = dataclasses.replace(one, lengths=[2])
-        per_token = 2 * (shape.dense_params + shape.shared_params + shape.top_k * shape.expert_params * shape.moe_layers)
+        routed = shape.top_k * shape.expert_params * shape.moe_layers
+        per_token = 2 * (shape.dense_params + shape.shared_params + routed)
         assert step_flops(shape, two) - step_flops(shape, one) == per_token + flops + shape.attn_flops_per_pair * 2
 
 
@@ -176,3 +178,20 @@ def test_pairs_and_keys_by_hand():
     assert causal_pairs("chunk", 4, 0, 10) == 2 * (1 + 2 + 3 + 4) + 1 + 2
     assert causal_pairs("kv", 0, 0, 10) == 55
     assert causal_pairs("window", 4, 3, 4) == 4 * 4 and causal_pairs("chunk", 4, 3, 4) == 4 + 1 + 2 + 3
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_engine_kv_reserve_counts_each_layer_kind(model_type):
+    """``LLM``'s KV reserve (one sequence of up to 2048 tokens, taken off an offloading budget)."""
+    from types import SimpleNamespace
+
+    from moetier import LLM
+
+    family, args = _args(model_type)
+    with torch.device("cpu"):
+        model = family.build(args)
+    t = min(args.max_position_embeddings, 2048)
+    per, full, bounded, states = _layers(args)
+    want = (full * t + sum(min(t, lim) for _, lim in bounded)) * per + sum(s.bytes_per_seq for s in states)
+    assert LLM._kv_reserve(SimpleNamespace(args=args, model=model), None) == want
+    assert want < len(model.model.layers) * t * per  # not every layer a position per token

@@ -5,7 +5,8 @@ layers, YaRN rotary, biases everywhere, the router's top-k-then-softmax, and a c
 limit is low enough to clamp. MXFP4: a checkpoint quantized here to the hub's ``*_blocks`` /
 ``*_scales`` layout, checked against transformers' own dequantizer, loads to exactly the dequantized
 weights, and by default keeps its experts as int8 groups of 32 holding exactly those values (resident,
-offloaded and throughput runs alike, matching the dequantized path). The sliding layers' KV stays bounded to the window, latency and throughput caches alike.
+offloaded and throughput runs alike, matching the dequantized path).
+The sliding layers' KV stays bounded to the window, latency and throughput caches alike.
 """
 
 import json

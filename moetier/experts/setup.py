@@ -101,8 +101,9 @@ def attach_offload(model, packed, device: torch.device, device_memory: Optional[
 
 
 def kv_bytes_per_token(args, dtype: torch.dtype) -> int:
-    """KV cache bytes one token takes across all layers (the MLA latent for DeepSeek; layers that
-    keep a fixed-size state instead add nothing: ``runtime.cache_spec.state_bytes_per_seq``)."""
+    """KV cache bytes one more token adds to a long sequence across all layers (the MLA latent for
+    DeepSeek): its unbounded KV layers'; a sliding window or chunk stops growing at its limit and a
+    fixed-size state never grows (``runtime.cache_spec.seq_bytes`` counts every kind)."""
     from ..runtime.cache_spec import kv_bytes_per_token as per_token
 
     return per_token(args, dtype)

@@ -7,7 +7,7 @@ head, and on ``sliding_attention`` layers (``layer_types``; by default every eve
 MoE: the router has a bias, takes the top k logits and softmaxes those k. Experts have biases and a
 clamped SwiGLU (``swiglu_alpha``, ``swiglu_limit``, ``up + 1``); checkpoints store them ``[E, H, 2I]``
 / ``[E, I, H]`` with gate and up interleaved, or as MXFP4 ``*_blocks`` / ``*_scales`` (the hub's
-release), which are dequantized on load to the run dtype (weights/views.py).
+release), which are read dequantized and kept, exactly, as int8 groups of 32 (weights/views.py).
 """
 
 from __future__ import annotations

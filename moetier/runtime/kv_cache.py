@@ -13,7 +13,8 @@ known up front.
 
 Bounded layers (a sliding window, a chunk) keep a ring of at most their limit of positions
 (:meth:`SeqKV.write_window`, :meth:`SeqKV.write_chunked`). Layers that keep a fixed-size state
-instead (``runtime/cache_spec.py``: a gated DeltaNet layer's conv window and recurrent state) get it from :meth:`SeqKV.state`, a pool's state rows
+instead (``runtime/cache_spec.py``: a gated DeltaNet layer's conv window and recurrent state) get it
+from :meth:`SeqKV.state`, a pool's state rows
 ``[slots, *shape]`` beside its KV rows; a state is never grown, and a sequence's first step
 (``start == 0``) overwrites it rather than reading it, so a reused row needs no clearing.
 """
