@@ -291,6 +291,21 @@ def test_mxfp4_logits_close_to_the_dequantized_model(mxfp4):
     llm.close()
 
 
+def test_mxfp4_bfloat16_int8_close_to_the_bfloat16_dequantized_path(mxfp4):
+    """In bf16 the int8 experts against the same values as bf16 weights, position by position (bf16 may
+    flip a near-tied expert, as in test_bfloat16_close_to_float32)."""
+    q, _ = mxfp4
+    runs = []
+    for quant in (None, "none"):
+        llm = LLM(q, dtype="bfloat16", quantization=quant)
+        runs.append(moetier_logits(llm.model, IDS, split=6).float())
+        llm.close()
+    ours, deq = runs
+    scale = deq.abs().max().item()
+    err = (ours - deq).abs().amax(dim=1)
+    assert err.median() <= 0.02 * scale and err.max() <= 0.1 * scale, err
+
+
 @pytest.mark.parametrize("mode", ["latency", "throughput"])
 def test_mxfp4_offloaded_equals_resident(mxfp4, mxfp4_runs, tmp_path, mode):
     """Offloaded: the first-use packed copy holds the int8 regions, bit for bit the resident run's outputs."""
@@ -300,6 +315,11 @@ def test_mxfp4_offloaded_equals_resident(mxfp4, mxfp4_runs, tmp_path, mode):
         assert llm.quantization["experts"] == {"kind": "int8", "group_size": 32}
         assert _run(llm, mode) == mxfp4_runs[None][mode]
         assert llm.stats()["misses"] > 0
+        # the KV reserve taken off the budget: sliding layers up to the window, full ones every position
+        from moetier.runtime.cache_spec import seq_bytes
+
+        per_pos, t = 2 * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 4, CONFIG["max_position_embeddings"]
+        assert llm.memory["kv_reserve"] == seq_bytes(llm.args, torch.float32, t) == (2 * t + 2 * WINDOW) * per_pos
         copies = [p for p in tmp_path.iterdir() if p.is_dir() and p.name.endswith("-int8g32x")]
         assert len(copies) == 1
     finally:
