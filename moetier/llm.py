@@ -133,7 +133,15 @@ class LLM:
                 host_memory=parse_size(host_memory) if host_memory is not None and device != "cpu" else None,
                 verify=verify)
         else:
-            self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
+            from .kernels.quant import QuantError
+
+            exact = quant[0] if quant[0] is not None and quant[0].exact else None
+            try:  # MXFP4 experts quantized as they are read: never all dequantized at once
+                self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify,
+                                                               experts_scheme=exact)
+                quant = (None, quant[1]) if exact is not None else quant
+            except QuantError:  # a value int8 cannot hold: loaded dequantized, then as quantize_on_load says
+                self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
             from .models.quantize import quantize_on_load
 
             quantize_on_load(self.model, self.path, *quant)

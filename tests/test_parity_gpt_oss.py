@@ -250,6 +250,22 @@ def test_mxfp4_experts_stay_int8_with_exactly_their_values(mxfp4, dtype):
     llm.close()
 
 
+def test_mxfp4_experts_quantized_as_they_are_read(mxfp4):
+    """The resident load quantizes expert by expert (the stacks never held dequantized) into the same
+    regions as quantizing the dequantized stacks after loading."""
+    from moetier.kernels.quant import MXFP4_INT8
+
+    q, _ = mxfp4
+    direct, _, _ = load_model(q, dtype="bfloat16", experts_scheme=MXFP4_INT8)
+    after, _, _ = load_model(q, dtype="bfloat16")
+    for m, r in zip(_experts(direct), _experts(after)):
+        assert m.gate_up_proj.device.type == "meta" and m.down_proj.device.type == "meta"
+        r.quantize(MXFP4_INT8)
+        assert m.quant_layout == r.quant_layout
+        for e in range(m.num_experts):
+            assert torch.equal(m.regions[e, : m.quant_layout.nbytes], r.regions[e, : r.quant_layout.nbytes])
+
+
 @pytest.fixture(scope="module")
 def mxfp4_runs(mxfp4):
     """Greedy tokens and logprobs of two prompts on the MXFP4 checkpoint: int8 experts (the default) and
