@@ -13,7 +13,7 @@ model takes, so the loader and ``moetier convert`` read them like any other tens
 Dequantized is not how they stay: unless another quantization is asked for, loading and converting an
 MXFP4 checkpoint quantize its experts by ``kernels.quant.MXFP4_INT8`` (:func:`stored_scheme`), int8
 codes in groups of 32 with power-of-two scales, which hold every MXFP4 value exactly (a resident load quantizes
-one expert at a time as it reads them, ``loader.load_model(experts_scheme=)``; a group whose
+them one expert at a time as it reads them, ``loader.load_model(experts_scheme=)``; a group whose
 values are not finite in the run's dtype, i.e. an exponent out of its range, leaves the experts
 dequantized, logged: ``models/quantize.py``, ``experts/setup.py``).
 """
