@@ -260,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-file-size", default="2GiB",
                    help="largest weight file, e.g. 2GiB, 500MB (default: 2GiB); tensors are never split, "
                         "so one bigger than this gets a file of its own")
-    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+    p.add_argument("--quant", default=None, choices=["int8", "int4", "none"],
                    help="quantize the routed experts: int8 (symmetric; per-channel unless --group-size) or int4 "
-                        "(asymmetric, groups of --group-size inputs); routers, norms, embeddings stay 16-bit")
+                        "(asymmetric, groups of --group-size inputs); routers, norms, embeddings stay 16-bit. "
+                        "MXFP4 experts (gpt-oss) are kept exactly as int8 groups of 32 by default; none "
+                        "dequantizes them")
     p.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="inputs per scale for --quant (int4: 32 (default), 64, 128, 256; int8: a divisor of "
                         "each input dimension, e.g. 32 as GGUF Q8_0)")

@@ -30,9 +30,10 @@ def add_model_args(p: argparse.ArgumentParser, many: bool = False, required: boo
                    help="packed folders: check each region's CRC-32 the first time it is read from disk "
                         "(first-read, the default), also every region before the model is ready and every "
                         "later expert read (full), or not at all (off)")
-    g.add_argument("--quantization", default=None, choices=["int8", "int4"],
+    g.add_argument("--quantization", default=None, choices=["int8", "int4", "none"],
                    help="quantize the routed experts on load (offloaded: into the packed copy); a folder "
-                        "converted with --quant is already quantized and needs none")
+                        "converted with --quant is already quantized and needs none. MXFP4 experts (gpt-oss) "
+                        "are kept exactly as int8 groups of 32 unless this asks otherwise (none: dequantized)")
     g.add_argument("--quant-group-size", type=int, default=None, metavar="N",
                    help="inputs per scale (int8: per-channel by default; int4: 32 (default), 64, 128 or 256)")
     g.add_argument("--quant-dense", default=None, choices=["int8", "none"],

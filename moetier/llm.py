@@ -79,6 +79,8 @@ class LLM:
         (int8: per-channel by default; int4: 32, or 64, 128, 256); ``quant_dense``: ``"int8"``
         attention, LM head and dense MLPs, or ``"none"`` (routers, norms, embeddings stay 16-bit).
         A packed folder converted with ``--quant`` loads as it is (``self.quantization`` says how).
+        MXFP4 experts (gpt-oss's hub checkpoints) are kept exactly, as int8 groups of 32 with
+        power-of-two scales, unless ``quantization`` asks for another kind (``"none"``: dequantized).
         """
         from .kernels.quant import parse_scheme
         from .weights.checksum import parse_verify
@@ -92,6 +94,10 @@ class LLM:
         if seed is not None:
             torch.manual_seed(seed)
         self.path = resolve_model_path(model)
+        if quantization is None:  # experts stored quantized (gpt-oss's MXFP4) stay so, exactly (weights/views.py)
+            from .weights.views import stored_scheme
+
+            quant = (stored_scheme(self.path), quant[1])
         if device == "cpu" and device_memory is None:
             device_memory = host_memory  # on the CPU the host is the device: one RAM budget
         from .ram import resolve_budget
@@ -127,7 +133,15 @@ class LLM:
                 host_memory=parse_size(host_memory) if host_memory is not None and device != "cpu" else None,
                 verify=verify)
         else:
-            self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
+            from .kernels.quant import QuantError
+
+            exact = quant[0] if quant[0] is not None and quant[0].exact else None
+            try:  # MXFP4 experts quantized as they are read: never all dequantized at once
+                self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify,
+                                                               experts_scheme=exact)
+                quant = (None, quant[1]) if exact is not None else quant
+            except QuantError:  # a value int8 cannot hold: loaded dequantized, then as quantize_on_load says
+                self.model, self.args, raw_config = load_model(self.path, device, dtype, verify=verify)
             from .models.quantize import quantize_on_load
 
             quantize_on_load(self.model, self.path, *quant)

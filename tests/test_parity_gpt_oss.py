@@ -4,7 +4,9 @@ The config exercises sinks, alternating sliding-window (window 4, shorter than t
 layers, YaRN rotary, biases everywhere, the router's top-k-then-softmax, and a clamped SwiGLU whose
 limit is low enough to clamp. MXFP4: a checkpoint quantized here to the hub's ``*_blocks`` /
 ``*_scales`` layout, checked against transformers' own dequantizer, loads to exactly the dequantized
-weights. The sliding layers' KV stays bounded to the window, latency and throughput caches alike.
+weights, and by default keeps its experts as int8 groups of 32 holding exactly those values (resident,
+offloaded and throughput runs alike, matching the dequantized path).
+The sliding layers' KV stays bounded to the window, latency and throughput caches alike.
 """
 
 import json
@@ -109,18 +111,23 @@ def test_sliding_layers_hold_at_most_the_window(hub):
     held = [kv.positions_held(i) for i in range(n)]
     assert [h for i, h in enumerate(held) if i % 2 == 0] == [WINDOW, WINDOW]
     assert all(h >= 40 for i, h in enumerate(held) if i % 2 == 1)
-    # the throughput runner's pool: sliding layers get window-sized rows, however long the pool's rows are
-    pool = KVPool(n, 2, 64, "cpu", torch.float32)
-    caches = [pool.take(), pool.take()]
-    batch = ForwardBatch.build(caches, [len(IDS), len(IDS2)], "cpu")
-    model(torch.tensor(IDS + IDS2), batch)
-    assert [pool.layers[i][0].shape[2] for i in range(n)] == [WINDOW, 64, WINDOW, 64]
-    # and the memory accounting counts each sliding layer's ring, not a position per token
-    from moetier.runtime.cache_spec import kv_bytes_per_token, state_bytes_per_seq
+    # the throughput runner's pool: sliding layers get rows of at most the window, however long the pool's rows
+    from moetier.runtime.cache_spec import kv_bytes_per_token, seq_bytes, state_bytes_per_seq
 
     per_pos = 2 * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 4
-    assert kv_bytes_per_token(hub["args"], torch.float32) == 2 * per_pos
-    assert state_bytes_per_seq(hub["args"], torch.float32) == 2 * WINDOW * per_pos
+    for cap, rows in ((64, [WINDOW, 64, WINDOW, 64]), (3, [3, 3, 3, 3])):
+        pool = KVPool(n, 2, cap, "cpu", torch.float32)
+        caches = [pool.take(), pool.take()]
+        lens = [min(cap, len(IDS)), min(cap, len(IDS2))]
+        batch = ForwardBatch.build(caches, lens, "cpu")
+        model(torch.tensor(IDS[: lens[0]] + IDS2[: lens[1]]), batch)
+        assert [pool.layers[i][0].shape[2] for i in range(n)] == rows
+        assert pool.nbytes() == 2 * seq_bytes(hub["args"], torch.float32, cap)  # what the accounting reserves a row
+    # the memory accounting counts each sliding layer up to its window, not a position per token for ever
+    assert kv_bytes_per_token(hub["args"], torch.float32) == 2 * per_pos  # the two full layers
+    assert state_bytes_per_seq(hub["args"], torch.float32) == 0
+    assert seq_bytes(hub["args"], torch.float32, 40) == (2 * 40 + 2 * WINDOW) * per_pos
+    assert seq_bytes(hub["args"], torch.float32, 3) == 4 * 3 * per_pos  # shorter than the window: its length
 
 
 def test_args_defaults_follow_transformers(tmp_path):
@@ -214,22 +221,169 @@ def test_mxfp4_loads_to_the_dequantized_weights(mxfp4):
     assert all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), d.state_dict().values()))
 
 
-def test_mxfp4_offloaded_equals_resident(mxfp4, tmp_path):
+def _experts(model):
+    from moetier.models.moe import Experts
+
+    return [m for m in model.modules() if isinstance(m, Experts)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mxfp4_experts_stay_int8_with_exactly_their_values(mxfp4, dtype):
+    """Loaded with no quantization asked, MXFP4 experts are int8 groups of 32 (power-of-two scales in the run
+    dtype) whose values are the MXFP4 values, as transformers dequantizes them; biases, gate/up order and the
+    other weights as the dequantized checkpoint's."""
+    q, deq = mxfp4
+    llm = LLM(q, dtype=dtype)
+    assert llm.quantization == {"name": "int8-g32", "experts": {"kind": "int8", "group_size": 32}, "dense": None}
+    ref, _, _ = load_model(deq, dtype=dtype)  # the dequantized weights, not quantized again
+    ours = _experts(llm.model)
+    assert len(ours) == CONFIG["num_hidden_layers"]
+    for m, r in zip(ours, _experts(ref)):
+        assert m.quant_layout is not None
+        for e in range(m.num_experts):
+            for qw, want in zip(m.packed[e], (r.gate_up_proj[e], r.down_proj[e])):
+                assert (qw.kind, qw.group_size, qw.codes.dtype, qw.scales.dtype) == ("int8", 32, torch.int8, want.dtype)
+                assert torch.equal(qw.dequantize(want.dtype), want)
+                mant, _ = torch.frexp(qw.scales.float())
+                assert bool((mant == 0.5).all())  # powers of two
+        assert torch.equal(m.gate_up_proj_bias, r.gate_up_proj_bias) and torch.equal(m.down_proj_bias, r.down_proj_bias)
+    llm.close()
+
+
+def test_mxfp4_experts_quantized_as_they_are_read(mxfp4):
+    """The resident load quantizes expert by expert (the stacks never held dequantized) into the same
+    regions as quantizing the dequantized stacks after loading."""
+    from moetier.kernels.quant import MXFP4_INT8
+
     q, _ = mxfp4
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
-    prompts = [{"prompt_token_ids": IDS}, {"prompt_token_ids": IDS2}]
+    direct, _, _ = load_model(q, dtype="bfloat16", experts_scheme=MXFP4_INT8)
+    after, _, _ = load_model(q, dtype="bfloat16")
+    for m, r in zip(_experts(direct), _experts(after)):
+        assert m.gate_up_proj.device.type == "meta" and m.down_proj.device.type == "meta"
+        r.quantize(MXFP4_INT8)
+        assert m.quant_layout == r.quant_layout
+        for e in range(m.num_experts):
+            assert torch.equal(m.regions[e, : m.quant_layout.nbytes], r.regions[e, : r.quant_layout.nbytes])
 
-    def run(llm):
-        return [(o.outputs[0].token_ids, [lp["logprob"] for lp in o.outputs[0].logprobs])
-                for o in llm.generate(prompts, params, use_tqdm=False)]
 
-    want = run(LLM(q, dtype="float32"))
+@pytest.fixture(scope="module")
+def mxfp4_runs(mxfp4):
+    """Greedy tokens and logprobs of two prompts on the MXFP4 checkpoint: int8 experts (the default) and
+    dequantized (``quantization="none"``), latency and throughput."""
+    q, _ = mxfp4
+    out = {}
+    for quant in (None, "none"):
+        llm = LLM(q, dtype="float32", quantization=quant)
+        out[quant] = {mode: _run(llm, mode) for mode in ("latency", "throughput")}
+        llm.close()
+    return out
+
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+PROMPTS = [{"prompt_token_ids": IDS}, {"prompt_token_ids": IDS2}]
+
+
+def _run(llm, mode="latency"):
+    return [(o.outputs[0].token_ids, [lp["logprob"] for lp in o.outputs[0].logprobs])
+            for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False, mode=mode)]
+
+
+def test_mxfp4_int8_matches_the_dequantized_path(mxfp4_runs):
+    """The same weights through the int8 kernels: greedy tokens identical, logprobs close (the weights are
+    exact; moetier's native int kernels round their input rows to int8 per block of 32, as llama.cpp's do,
+    which moves a logprob by some 1e-2 at most here)."""
+    ours, deq = mxfp4_runs[None], mxfp4_runs["none"]
+    for mode in ("latency", "throughput"):
+        assert [t for t, _ in ours[mode]] == [t for t, _ in deq[mode]]
+        for (_, a), (_, b) in zip(ours[mode], deq[mode]):
+            assert max(abs(x - y) for x, y in zip(a, b)) < 3e-2
+    assert [t for t, _ in ours["throughput"]] == [t for t, _ in ours["latency"]]
+
+
+def test_mxfp4_logits_close_to_the_dequantized_model(mxfp4):
+    q, deq = mxfp4
+    llm = LLM(q, dtype="float32")
+    assert_logits_close(moetier_logits(llm.model, IDS, split=6), reference_logits(deq, IDS), rel=1e-2)
+    llm.close()
+
+
+def test_mxfp4_bfloat16_int8_close_to_the_bfloat16_dequantized_path(mxfp4):
+    """In bf16 the int8 experts against the same values as bf16 weights, position by position (bf16 may
+    flip a near-tied expert, as in test_bfloat16_close_to_float32)."""
+    q, _ = mxfp4
+    runs = []
+    for quant in (None, "none"):
+        llm = LLM(q, dtype="bfloat16", quantization=quant)
+        runs.append(moetier_logits(llm.model, IDS, split=6).float())
+        llm.close()
+    ours, deq = runs
+    scale = deq.abs().max().item()
+    err = (ours - deq).abs().amax(dim=1)
+    assert err.median() <= 0.02 * scale and err.max() <= 0.1 * scale, err
+
+
+@pytest.mark.parametrize("mode", ["latency", "throughput"])
+def test_mxfp4_offloaded_equals_resident(mxfp4, mxfp4_runs, tmp_path, mode):
+    """Offloaded: the first-use packed copy holds the int8 regions, bit for bit the resident run's outputs."""
+    q, _ = mxfp4
     llm = LLM(q, dtype="float32", expert_slots=CONFIG["num_local_experts"] + 2, offload_dir=tmp_path)
     try:
-        assert run(llm) == want
+        assert llm.quantization["experts"] == {"kind": "int8", "group_size": 32}
+        assert _run(llm, mode) == mxfp4_runs[None][mode]
         assert llm.stats()["misses"] > 0
+        # the KV reserve taken off the budget: sliding layers up to the window, full ones every position
+        from moetier.runtime.cache_spec import seq_bytes
+
+        per_pos, t = 2 * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 4, CONFIG["max_position_embeddings"]
+        assert llm.memory["kv_reserve"] == seq_bytes(llm.args, torch.float32, t) == (2 * t + 2 * WINDOW) * per_pos
+        copies = [p for p in tmp_path.iterdir() if p.is_dir() and p.name.endswith("-int8g32x")]
+        assert len(copies) == 1
     finally:
         llm.close()
+
+
+def test_mxfp4_asked_another_quantization_follows_it(mxfp4):
+    q, _ = mxfp4
+    llm = LLM(q, dtype="float32", quantization="int4")
+    assert llm.quantization["experts"] == {"kind": "int4", "group_size": 32}
+    llm.close()
+    llm = LLM(q, dtype="float32", quantization="none")
+    assert llm.quantization is None
+    llm.close()
+
+
+def test_mxfp4_out_of_range_exponents_stay_dequantized(mxfp4, tmp_path, caplog):
+    """An exponent whose values overflow the run dtype (here 2^(250 - 127) x 6 in float16): no exact int8 for
+    it, so the experts stay dequantized, said in a warning, resident and offloaded alike."""
+    q, _ = mxfp4
+    bad = tmp_path / "bad"
+    shutil.copytree(q, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    name = next(n for n in sd if n.endswith("down_proj_scales"))
+    sd[name][0, 0, 0] = 250
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        llm = LLM(bad, dtype="float16")
+    assert llm.quantization is None and "MXFP4 experts kept dequantized" in caplog.text
+    llm.close()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        llm = LLM(bad, dtype="float16", expert_slots=CONFIG["num_local_experts"] + 2, offload_dir=tmp_path / "off")
+    try:
+        assert llm.quantization is None and "MXFP4 experts kept dequantized" in caplog.text
+    finally:
+        llm.close()
+
+
+def test_mxfp4_convert_keeps_int8_unless_told(mxfp4, tmp_path):
+    from moetier.weights.packed import PackedCheckpoint
+    from moetier.weights.packed_write import convert
+
+    q, _ = mxfp4
+    for quant, want in ((None, {"experts": {"kind": "int8", "group_size": 32}, "dense": None}), ("none", None)):
+        out = convert(q, tmp_path / str(quant), progress=False, quant=quant)
+        with PackedCheckpoint(out) as ckpt:
+            assert ckpt.quant == want
 
 
 def test_sink_attention_is_what_it_says():

@@ -14,7 +14,7 @@ import torch
 
 from moetier.models.moe import SparseMoeBlock
 from moetier.runtime.batch import ForwardBatch
-from moetier.runtime.kv_cache import SeqKV
+from moetier.runtime.kv_cache import KVPool, SeqKV
 from moetier.weights.loader import load_args, load_model
 from tiny import FAMILY_CONFIGS, assert_logits_close, chunked_prefill_logits, llm_greedy, make_checkpoint, \
     moetier_logits, reference_greedy, reference_logits
@@ -102,6 +102,23 @@ def test_chunked_layers_hold_one_chunk(case):
     kv = SeqKV(n, 1, "cpu", torch.float32)
     model(torch.tensor(ids[:2]), ForwardBatch.build([kv], [2], "cpu"))
     assert [kv.positions_held(i) for i in range(n) if chunked[i]] == [2] * sum(chunked)
+    # the memory accounting: a chunked layer counts at most one chunk, a full one every position
+    from moetier.runtime.cache_spec import kv_bytes_per_token, seq_bytes
+
+    args = case["args"]
+    per = 2 * args.num_key_value_heads * args.head_dim * 4
+    full = n - sum(chunked)
+    assert kv_bytes_per_token(args, torch.float32) == full * per
+    assert seq_bytes(args, torch.float32, 23) == (23 * full + 4 * sum(chunked)) * per
+    assert seq_bytes(args, torch.float32, 3) == 3 * n * per
+    # the throughput runner's pool: a chunked layer's rows hold one chunk (or the row, if shorter)
+    for cap in (64, 3):
+        pool = KVPool(n, 2, cap, "cpu", torch.float32)
+        caches = [pool.take(), pool.take()]
+        lens = [min(cap, len(IDS)), min(cap, len(IDS2))]
+        model(torch.tensor(IDS[: lens[0]] + IDS2[: lens[1]]), ForwardBatch.build(caches, lens, "cpu"))
+        assert [pool.layers[i][0].shape[2] for i in range(n)] == [min(cap, 4) if c else cap for c in chunked]
+        assert pool.nbytes() == 2 * seq_bytes(args, torch.float32, cap)
 
 
 def test_bfloat16_close_to_transformers_bfloat16(case):

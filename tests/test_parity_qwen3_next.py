@@ -15,7 +15,7 @@ from moetier.models import fused
 from moetier.models.deltanet import GatedDeltaNet, chunk_rule, l2norm, recurrent_step
 from moetier.models.moe import SparseMoeBlock
 from moetier.runtime.batch import ForwardBatch
-from moetier.runtime.cache_spec import kv_bytes_per_token, state_bytes_per_seq
+from moetier.runtime.cache_spec import kv_bytes_per_token, seq_bytes, state_bytes_per_seq
 from moetier.runtime.kv_cache import KVPool, SeqKV
 from moetier.weights.loader import load_model
 from tiny import add_char_tokenizer, assert_logits_close, make_checkpoint, moetier_logits, reference_logits
@@ -232,7 +232,7 @@ def test_pool_holds_state_rows(hub_case):
     assert all(pool.states[i] is not None and pool.layers[i] is None for i in linear)
     args = hub_case["args"]  # what the accounting reserves per row is what the pool holds
     row = 128 * kv_bytes_per_token(args, torch.float32) + state_bytes_per_seq(args, torch.float32)
-    assert pool.nbytes() == 3 * row
+    assert pool.nbytes() == 3 * row == 3 * seq_bytes(args, torch.float32, 128)
     a.release()
     c = pool.take()  # a's row again: a new prompt ignores what it held
     _feed(model, c, IDS2)

@@ -6,10 +6,18 @@ holds ``s_i`` tokens. With the model's :class:`~moetier.bench.shape.ModelShape`:
     bytes(step) = resident weight bytes
                 + sum over MoE layers of (distinct experts activated in the step x bytes per expert)
                 + sum_i (s_i + n_i) x KV bytes per token                  (in the KV cache's dtype)
+                + sum over bounded layers, sum_i (keys the step reads there) x its bytes per position
+                + sequences x state bytes per sequence                     (linear-attention layers)
 
     FLOPs(step) = 2 x (dense + shared + top_k x expert x MoE layers) params x sum_i n_i
                 + 2 x LM-head params x rows sampled
                 + attention FLOPs per query-key pair x sum_i (n_i s_i + n_i (n_i + 1) / 2)
+                + per bounded layer, its FLOPs per pair x the causal pairs its window or chunk allows
+                + state-update FLOPs per token x sum_i n_i                 (linear-attention layers)
+
+A sliding-window layer's step reads at most the window (``min(s_i, w - 1) + n_i`` keys), a chunked
+layer's the current chunk (``s_i mod c + n_i``), a query there seeing ``min(p + 1, w)`` or
+``p mod c + 1`` keys (``runtime/cache_spec.py`` counts both for every layer kind).
 
     S-MBU = bytes / seconds / peak bandwidth        S-MFU = FLOPs / seconds / peak dense FLOP/s
 
@@ -24,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..runtime.cache_spec import causal_pairs, keys_read
 from .shape import ModelShape
 
 
@@ -57,10 +66,12 @@ def attention_pairs(starts: list[int], lengths: list[int]) -> int:
 
 
 def kv_bytes_read(shape: ModelShape, starts: list[int], lengths: list[int]) -> int:
-    """KV cache bytes a step reads: every sequence's whole cache, its new tokens included, once (and its
-    linear-attention layers' fixed-size states)."""
+    """KV cache bytes a step reads: every sequence's whole cache, its new tokens included, once; a bounded
+    layer's window or chunk only; its linear-attention layers' fixed-size states once."""
     tokens = sum(s + n for s, n in zip(starts, lengths))
-    return tokens * shape.kv_bytes_per_token + len(starts) * shape.state_bytes_per_seq
+    bounded = sum(per * keys_read(kind, limit, s, n) for kind, limit, per in shape.bounded
+                  for s, n in zip(starts, lengths))
+    return tokens * shape.kv_bytes_per_token + bounded + len(starts) * shape.state_bytes_per_seq
 
 
 def step_bytes(shape: ModelShape, step: Step) -> int:
@@ -72,8 +83,11 @@ def step_flops(shape: ModelShape, step: Step) -> int:
     """FLOPs a step must do (a multiply-add is 2): every token through the dense weights, the
     shared experts and its ``top_k`` routed experts; the LM head for the sampled rows; attention."""
     per_token = shape.dense_params + shape.shared_params + shape.top_k * shape.expert_params * shape.moe_layers
+    bounded = sum(causal_pairs(kind, limit, s, n) for kind, limit, _ in shape.bounded
+                  for s, n in zip(step.starts, step.lengths))
     return (2 * per_token * step.tokens + 2 * shape.head_params * step.rows
-            + shape.attn_flops_per_pair * attention_pairs(step.starts, step.lengths))
+            + shape.attn_flops_per_pair * attention_pairs(step.starts, step.lengths)
+            + shape.layer_pair_flops * bounded + shape.state_flops_per_token * step.tokens)
 
 
 def utilization(amount: float, seconds: float, peak_per_second: float) -> float:

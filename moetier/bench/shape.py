@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..experts.setup import kv_bytes_per_token
-from ..runtime.cache_spec import state_bytes_per_seq
+from ..runtime.cache_spec import BOUNDED, layer_caches, state_bytes_per_seq
 from ..models.moe import ExpertsBase, SparseMoeBlock
 
 
@@ -34,9 +34,13 @@ class ModelShape:
     num_experts: int  # routed experts per MoE layer
     top_k: int  # routed experts per token
     weight_bytes: int  # bytes per weight element (the run's dtype)
-    kv_bytes_per_token: int  # KV cache bytes of one token, all layers, in the cache's own dtype
-    attn_flops_per_pair: int  # all layers: one query position against one cached key position
+    kv_bytes_per_token: int  # KV cache bytes of one token, all unbounded KV layers, in the cache's own dtype
+    attn_flops_per_pair: int  # all unbounded KV layers: one query position against one cached key position
     state_bytes_per_seq: int = 0  # fixed-size states (linear-attention layers) of one sequence, all layers
+    # layers whose KV is bounded (runtime/cache_spec.py): (kind "window" | "chunk", limit, bytes per position)
+    bounded: tuple[tuple[str, int, int], ...] = ()
+    layer_pair_flops: int = 0  # one layer's attention FLOPs per query-key pair (bounded layers)
+    state_flops_per_token: int = 0  # the linear-attention layers' state updates, all layers, per token fed
 
     @property
     def resident_bytes(self) -> int:
@@ -72,6 +76,7 @@ class ModelShape:
             ex = blocks[0].experts
             expert = (ex.gate_up_proj.numel() + ex.down_proj.numel()) // ex.num_experts
         h = args.num_attention_heads
+        caches = layer_caches(args, dtype)
         if getattr(args, "kv_lora_rank", None):  # MLA: per-head keys of dn + dr, values of dv
             d_qk, d_v = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
         else:
@@ -83,8 +88,11 @@ class ModelShape:
             top_k=blocks[0].gate.top_k if blocks else 0, weight_bytes=dtype.itemsize,
             kv_bytes_per_token=kv_bytes_per_token(args, dtype),
             # q.k over d_qk and p.v over d_v, a multiply and an add each, every head, every layer with a KV cache
-            attn_flops_per_pair=2 * h * (d_qk + d_v) * sum(c.kind == "kv" for c in args.layer_caches(dtype)),
+            attn_flops_per_pair=2 * h * (d_qk + d_v) * sum(c.kind == "kv" for c in caches),
             state_bytes_per_seq=state_bytes_per_seq(args, dtype),
+            bounded=tuple((c.kind, c.limit, c.bytes_per_token) for c in caches if c.kind in BOUNDED),
+            layer_pair_flops=2 * h * (d_qk + d_v),
+            state_flops_per_token=sum(c.flops_per_token for c in caches if c.kind == "state"),
         )
 
     @classmethod

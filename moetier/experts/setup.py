@@ -101,8 +101,9 @@ def attach_offload(model, packed, device: torch.device, device_memory: Optional[
 
 
 def kv_bytes_per_token(args, dtype: torch.dtype) -> int:
-    """KV cache bytes one token takes across all layers (the MLA latent for DeepSeek; layers that
-    keep a fixed-size state instead add nothing: ``runtime.cache_spec.state_bytes_per_seq``)."""
+    """KV cache bytes one more token adds to a long sequence across all layers (the MLA latent for
+    DeepSeek): its unbounded KV layers'; a sliding window or chunk stops growing at its limit and a
+    fixed-size state never grows (``runtime.cache_spec.seq_bytes`` counts every kind)."""
     from ..runtime.cache_spec import kv_bytes_per_token as per_token
 
     return per_token(args, dtype)
@@ -143,18 +144,25 @@ def ensure_packed(path: Path, dtype, offload_dir: Optional[Path], quant=None) ->
     out = packed_cache_dir(path, dtype, offload_dir)
     q_experts, q_dense = quant if quant is not None else (None, None)
     if q_experts is not None or q_dense is not None:  # its own copy, named by the scheme
-        tag = "-".join(f"{what}{s.kind}" + (f"g{s.group_size}" if s.group_size else "")
+        tag = "-".join(f"{what}{s.kind}" + (f"g{s.group_size}" if s.group_size else "") + ("x" if s.exact else "")
                        for what, s in (("", q_experts), ("dense", q_dense)) if s is not None)
         out = out.with_name(f"{out.name}-{tag}")
     if not is_packed(out):
+        from ..kernels.quant import QuantError
+
         # processes sharing offload_dir take turns; whoever comes second finds the folder done
-        with FileLock(out.parent / f".{out.name}.lock"):
-            if not is_packed(out):
-                log.warning("converting %s to the packed format in %s (once)", path, out)
-                convert(path, out, dtype=dtype, force=True,
-                        quant=q_experts.kind if q_experts is not None else None,
-                        group_size=q_experts.group_size if q_experts is not None else None,
-                        quant_dense=q_dense.kind if q_dense is not None else None)
+        try:
+            with FileLock(out.parent / f".{out.name}.lock"):
+                if not is_packed(out):
+                    log.warning("converting %s to the packed format in %s (once)", path, out)
+                    convert(path, out, dtype=dtype, force=True, quant=q_experts or "none",
+                            quant_dense=q_dense.kind if q_dense is not None else None)
+        except QuantError as e:
+            if q_experts is None or not q_experts.exact:
+                raise
+            # MXFP4 experts whose values int8 cannot hold in this dtype (an exponent out of its range)
+            log.warning("%s: MXFP4 experts kept dequantized to %s (%s)", path, str(dtype).removeprefix("torch."), e)
+            return ensure_packed(path, dtype, offload_dir, quant=(None, q_dense))
     return out
 
 

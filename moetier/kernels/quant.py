@@ -28,6 +28,10 @@ into groups of ``group_size`` consecutive inputs; each (row, group) has its own 
 
 ``scales.dtype`` is the dtype the kernels compute in (inputs are cast to it and outputs back):
 the model's dtype when moetier quantizes, float16 for GGUF blocks carried over as they are.
+
+An ``exact`` int8 scheme (:class:`QuantScheme`) takes power-of-two scales, so weights with few
+significant bits in each group are held exactly: MXFP4 (gpt-oss's hub experts: per 32 values an e2m1
+code, ``2 x`` one of -12..12, times ``2^(e - 127)``) is int8 group 32 with every value as it was.
 Room for more kinds (``mxfp4``, ``fp8``): a new ``kind`` value, its dequantize here and its
 kernel in ``kernels/linear.py``.
 """
@@ -105,10 +109,16 @@ class QuantWeight:
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """How to quantize: ``kind`` and ``group_size`` (None: int8 per-channel / int4's default)."""
+    """How to quantize: ``kind`` and ``group_size`` (None: int8 per-channel / int4's default).
+
+    ``exact`` (int8 only): each group's scale is the power of two that puts its largest magnitude in
+    64..127 (or the scale dtype's smallest power of two), and quantizing fails (QuantError) unless
+    every code is then exact: for weights that are already few-bit values times a power of two per
+    group (:data:`MXFP4_INT8`), it keeps them as they are instead of rounding them again."""
 
     kind: str
     group_size: Optional[int] = None
+    exact: bool = False
 
     def group_for(self, K: int, what: str = "weight") -> int:
         """The group size for a weight with ``K`` inputs; an error if it does not fit."""
@@ -217,6 +227,9 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, dtype: Optional[torch.dtype] 
     G = scheme.group_for(K, what)
     dtype = dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
     wg = w.detach().float().reshape(N, K // G, G)
+    if scheme.kind == "int8" and scheme.exact:
+        q, scale = _exact_int8(wg, dtype, what)
+        return QuantWeight("int8", (N, K), G, q.reshape(N, K), scale)
     if scheme.kind == "int8":
         scale = (wg.abs().amax(dim=-1) / 127).to(dtype)  # [N, K/G]
         s = scale.float()[..., None]
@@ -236,6 +249,25 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, dtype: Optional[torch.dtype] 
         codes = pack_int4(q.reshape(N, K).to(torch.uint8), layout)
         return QuantWeight("int4", (N, K), G, codes, _pairs(scale, zero, layout), layout)
     raise QuantError(f"unknown quantization kind {scheme.kind!r}")
+
+
+def _exact_int8(wg: torch.Tensor, dtype: torch.dtype, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 groups ``[N, K/G, G]`` -> (int8 codes, power-of-two scales in ``dtype``), exactly, or a QuantError.
+    ``max|w| = m 2^e`` (``m`` in [0.5, 1)) gives the scale ``2^(e - 7)``, raised to ``dtype``'s smallest
+    power of two (every value of ``dtype`` is a multiple of it); dividing by a power of two is exact."""
+    if not bool(torch.isfinite(wg).all()):
+        raise QuantError(f"{what}: holds infinite or NaN values, which int8 codes cannot")
+    _, e = torch.frexp(wg.abs().amax(dim=-1))
+    info = torch.finfo(dtype)
+    k = (e - 7).clamp_(min=round(math.log2(info.tiny * info.eps)))
+    scale = torch.exp2(k.double()).float()  # powers of two, down to float32's smallest: exact
+    q = wg / scale[..., None]
+    if not torch.equal(q, q.round()) or bool((q.abs() > 127).any()):
+        raise QuantError(f"{what}: not exactly int8 codes times a power of two in every group of {wg.shape[-1]}")
+    return q.to(torch.int8), scale.to(dtype)
+
+
+MXFP4_INT8 = QuantScheme("int8", 32, exact=True)  # MXFP4 blocks of 32, exactly (module docstring)
 
 
 def int4_from_codes(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

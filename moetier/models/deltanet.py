@@ -23,6 +23,14 @@ from ..runtime.cache_spec import LayerCache, state
 from .layers import GatedRMSNorm
 
 
+def cache_of(hk: int, hv: int, dk: int, dv: int, K: int, dtype: torch.dtype) -> LayerCache:
+    """A layer's state per sequence: the conv window ``[C, K - 1]`` (run dtype) and ``S`` ``[hv, dk, dv]``
+    (float32); per token its update takes the conv's ``K`` multiply-adds per channel and, per value head,
+    the delta rule's decay, ``k S``, rank-1 update and ``q S`` (about 8 ``dk dv`` FLOPs)."""
+    conv = 2 * hk * dk + hv * dv
+    return state(((conv, K - 1), dtype), ((hv, dk, dv), torch.float32), flops_per_token=2 * K * conv + 8 * hv * dk * dv)
+
+
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
@@ -116,7 +124,7 @@ class GatedDeltaNet(nn.Module):
         return mixed, z.reshape(T, self.hv, self.dv), b.reshape(T, self.hv), a.reshape(T, self.hv)
 
     def cache_spec(self, dtype: torch.dtype) -> LayerCache:
-        return state(((self.conv_dim, self.K - 1), dtype), ((self.hv, self.dk, self.dv), torch.float32))
+        return cache_of(self.hk, self.hv, self.dk, self.dv, self.K, dtype)
 
     def _qkv(self, conv_out: torch.Tensor, scale_div: bool):
         """conv output ``[..., C]`` -> q, k ``[..., hv, dk]`` (normalised, q scaled), v ``[..., hv, dv]``, float32."""

@@ -7,7 +7,7 @@ head, and on ``sliding_attention`` layers (``layer_types``; by default every eve
 MoE: the router has a bias, takes the top k logits and softmaxes those k. Experts have biases and a
 clamped SwiGLU (``swiglu_alpha``, ``swiglu_limit``, ``up + 1``); checkpoints store them ``[E, H, 2I]``
 / ``[E, I, H]`` with gate and up interleaved, or as MXFP4 ``*_blocks`` / ``*_scales`` (the hub's
-release), which are dequantized on load to the run dtype (weights/views.py).
+release), which are read dequantized and kept, exactly, as int8 groups of 32 (weights/views.py).
 """
 
 from __future__ import annotations
@@ -73,13 +73,13 @@ class ModelArgs(BaseModelArgs):
             raise ConfigError(f"config.json: swiglu_limit must be positive, got {self.swiglu_limit}")
 
     def layer_caches(self, dtype):
-        """Sliding layers hold a ring of ``sliding_window`` positions (a fixed size per sequence,
-        ``runtime/cache_spec.py``), full layers keys and values of every position."""
-        from ..runtime.cache_spec import kv, state
+        """Sliding layers hold at most ``sliding_window`` positions (a ring, ``runtime/cache_spec.py``),
+        full layers keys and values of every position."""
+        from ..runtime.cache_spec import kv, window
 
-        full = kv(2 * self.num_key_value_heads * self.head_dim * dtype.itemsize)
-        part = ((self.num_key_value_heads, self.sliding_window or 0, self.head_dim), dtype)
-        return [full if self.window(i) is None else state(part, part) for i in range(self.num_hidden_layers)]
+        per = 2 * self.num_key_value_heads * self.head_dim * dtype.itemsize
+        return [kv(per) if self.window(i) is None else window(per, self.window(i))
+                for i in range(self.num_hidden_layers)]
 
     def window(self, layer: int) -> Optional[int]:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None

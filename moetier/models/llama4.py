@@ -94,11 +94,22 @@ class ModelArgs(BaseModelArgs):
         if self.attn_temperature_tuning and self.floor_scale <= 0:
             raise ConfigError(f"config.json: floor_scale must be positive, got {self.floor_scale}")
 
+    def chunk(self, i: int) -> Optional[int]:
+        return self.attention_chunk_size if self.layer_types[i] == "chunked_attention" else None
+
+    def layer_caches(self, dtype):
+        """Chunked layers hold at most one chunk of positions (a ring, ``runtime/cache_spec.py``), full
+        layers keys and values of every position."""
+        from ..runtime.cache_spec import chunk, kv
+
+        per = 2 * self.num_key_value_heads * self.head_dim * dtype.itemsize
+        return [kv(per) if self.chunk(i) is None else chunk(per, self.chunk(i)) for i in range(self.num_hidden_layers)]
+
     def attention(self, i: int) -> ExtAttention:
         rope = bool(self.no_rope_layers[i])
         return ExtAttention(
             self, i, qkv_bias=self.attention_bias, rope=rope, interleaved_rope=True,
-            chunk=self.attention_chunk_size if self.layer_types[i] == "chunked_attention" else None,
+            chunk=self.chunk(i),
             l2_qk_norm=self.use_qk_norm and rope,
             temperature=(self.floor_scale, self.attn_scale) if self.attn_temperature_tuning and not rope else None,
         )

@@ -8,6 +8,7 @@ the LM head, dense and shared-expert MLPs) follows the dense scheme.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 
 from ..kernels.quant import QuantScheme, QuantWeight, quantize
 from .prepack import linear
+
+log = logging.getLogger(__name__)
 
 
 class QuantLinear(nn.Linear):
@@ -93,7 +96,29 @@ def quantize_model(model: nn.Module, experts: Optional[QuantScheme], dense: Opti
 
 def quantize_on_load(model: nn.Module, folder, experts: Optional[QuantScheme], dense: Optional[QuantScheme]) -> None:
     """``LLM(folder, quantization=...)``: quantize a loaded model, unless ``folder`` is a packed folder
-    that already holds quantized weights (then the schemes must be the ones it was converted with)."""
+    that already holds quantized weights (then the schemes must be the ones it was converted with).
+
+    An ``exact`` experts scheme (MXFP4 experts kept as they are stored, ``weights/views.py``) that cannot
+    hold them (values not finite in the run's dtype: an exponent out of its range) leaves them
+    dequantized, with a warning."""
+    if experts is not None and experts.exact:
+        from ..kernels.quant import QuantError
+        from .moe import Experts
+
+        layers = [m for m in model.modules() if isinstance(m, Experts) and m.gate_up_proj.device.type != "meta"]
+        bad = next((m for m in layers for w in (m.gate_up_proj, m.down_proj) if not bool(torch.isfinite(w).all())),
+                   None)
+        if bad is None:
+            try:
+                for m in layers:
+                    m.quantize(experts)
+            except QuantError as e:  # not for finite MXFP4 values; layers done before it hold the same values
+                bad = e
+        if bad is not None:
+            log.warning("%s: MXFP4 experts kept dequantized to %s (%s)", folder,
+                        str(layers[0].gate_up_proj.dtype).removeprefix("torch."),
+                        bad if isinstance(bad, QuantError) else "values out of range of that dtype")
+        experts = None
     if experts is None and dense is None:
         return
     from ..errors import MoetierError

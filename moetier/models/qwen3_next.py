@@ -92,13 +92,11 @@ class Qwen3NextArgs(QwenMoeArgs):
         return self.shared_expert_intermediate_size
 
     def layer_caches(self, dtype):
-        from ..runtime.cache_spec import kv, state
+        from ..runtime.cache_spec import kv
+        from .deltanet import cache_of
 
-        conv = 2 * self.linear_num_key_heads * self.linear_key_head_dim \
-            + self.linear_num_value_heads * self.linear_value_head_dim
-        linear = state(((conv, self.linear_conv_kernel_dim - 1), dtype),
-                       ((self.linear_num_value_heads, self.linear_key_head_dim, self.linear_value_head_dim),
-                        torch.float32))
+        linear = cache_of(self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                          self.linear_value_head_dim, self.linear_conv_kernel_dim, dtype)
         full = kv(2 * self.num_key_value_heads * self.head_dim * dtype.itemsize)
         return [linear if self.is_linear(i) else full for i in range(self.num_hidden_layers)]
 

@@ -11,8 +11,10 @@ together straight on the pool (``models/layers.py``) instead of on padded copies
 their caches. The throughput runner uses one, where every sequence's reservation is
 known up front.
 
-Layers that keep a fixed-size state instead (``runtime/cache_spec.py``: a gated DeltaNet layer's
-conv window and recurrent state) get it from :meth:`SeqKV.state`, a pool's state rows
+Bounded layers (a sliding window, a chunk) keep a ring of at most their limit of positions
+(:meth:`SeqKV.write_window`, :meth:`SeqKV.write_chunked`). Layers that keep a fixed-size state
+instead (``runtime/cache_spec.py``: a gated DeltaNet layer's conv window and recurrent state) get it
+from :meth:`SeqKV.state`, a pool's state rows
 ``[slots, *shape]`` beside its KV rows; a state is never grown, and a sequence's first step
 (``start == 0``) overwrites it rather than reading it, so a reused row needs no clearing.
 """
@@ -51,7 +53,7 @@ class KVPool:
 
     def layer(self, layer: int, parts: tuple[torch.Tensor, ...], capacity: Optional[int] = None) -> tuple[torch.Tensor, ...]:
         """The pool's buffers of ``layer`` (``[slots, heads, capacity, dim]`` per part), shaped like ``parts``;
-        ``capacity`` (a sliding-window layer's ring, :meth:`SeqKV.write_window`) overrides the pool's."""
+        ``capacity`` (a bounded layer's ring, :meth:`SeqKV.write_window` / ``write_chunked``) overrides the pool's."""
         bufs = self.layers[layer]
         if bufs is None:
             cap = self.capacity if capacity is None else int(capacity)
@@ -134,9 +136,10 @@ class SeqKV:
         ``(views, first)``: the keys a query of this step can see. For one new token (decode) they are
         the ring's filled slots as they lie (``first`` None: every one is inside the window, in ring
         order); for several, the previous ``window - 1`` positions and the new ones in position order,
-        ``first`` being the position of the first."""
+        ``first`` being the position of the first. Until the ring is full, position ``p`` is slot ``p``, so
+        the buffers start small and grow (:meth:`_ring`): a sequence shorter than the window holds its length."""
         n = parts[0].shape[1]
-        bufs = self._ring(layer, window, parts)
+        bufs = self._ring(layer, window, parts, need=min(start + n, window))
         if n == 1:
             for buf, part in zip(bufs, parts):
                 buf[:, start % window].copy_(part[:, 0])
@@ -171,8 +174,9 @@ class SeqKV:
 
     def _ring(self, layer: int, size: int, parts, need: Optional[int] = None) -> tuple[torch.Tensor, ...]:
         """``layer``'s ring buffers of ``size`` positions (each ``[heads, size, dim]``), made on first use.
-        With ``need``, the buffers start smaller (the pool's rows, or ``need``) and grow by doubling,
-        never past ``size``, to hold slots ``0..need-1`` (a chunk of 8192 positions is not taken at once)."""
+        With ``need``, the buffers start smaller (the pool's rows, ``min(size, capacity)``: what the memory
+        accounting reserves per row, ``runtime/cache_spec.py``; or ``need``) and grow by doubling, never past
+        ``size``, to hold slots ``0..need-1`` (a window or chunk of 8192 positions is not taken at once)."""
         bufs = self._layers[layer]
         if bufs is None and self.pool is not None:
             cap = size if need is None else min(size, self.pool.capacity)

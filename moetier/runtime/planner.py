@@ -6,7 +6,8 @@ Given the machine's rates (:class:`~moetier.runtime.machine.MachineProfile`),
 each dense matmul as ``call cost + FLOPs / matmul rate + weight bytes / streaming
 rate`` (:meth:`ModelCost.matmul_s`, the one place a kernel's rates enter), the
 routed experts the same way for the experts a pass of ``T`` tokens is expected to
-hit, attention from the query-key pairs and cached keys of the pass's sequences,
+hit, attention from the query-key pairs and cached keys of the pass's sequences layer kind by kind
+(full KV, a sliding window or chunk bounded to its limit, a linear-attention state's update),
 the fixed costs of the model's own code (per routed expert, MoE layer, prompt
 chunk's attention, pooled decode attention, decoder layer and sequence: measured
 through that code by the machine profile), per-token sampling work, and the expert
@@ -54,6 +55,19 @@ class PassShape:
     pairs: float  # sum of n_i x (start_i + n_i): query-key pairs
     ctx: float  # sum of start_i + n_i: cached keys read per layer
     decode: float = 0.0  # sequences adding one token (they attend together in one call per layer)
+    spans: Optional[list[tuple[int, int]]] = None  # (start, n) of each sequence, where known (passes that ran)
+
+    def attended(self, cache) -> tuple[float, float]:
+        """(query-key pairs, cached keys read) of one layer caching ``cache`` (``runtime/cache_spec.py``):
+        ``pairs`` / ``ctx`` for a KV layer; a bounded layer's from the spans where known, else at most
+        ``limit`` keys a query (an upper bound for a chunked layer, whose queries see half a chunk on
+        average)."""
+        if cache.kind == "kv":
+            return self.pairs, self.ctx
+        if self.spans is not None:
+            keys = [cache.keys(start, n) for start, n in self.spans]
+            return float(sum(n * k for (_, n), k in zip(self.spans, keys))), float(sum(keys))
+        return min(self.pairs, self.tokens * cache.limit), min(self.ctx, self.seqs * cache.limit)
 
 
 @dataclass
@@ -70,18 +84,18 @@ class ModelCost:
     hidden: int
     vocab: int
     attn_flops_per_pair: float  # per layer, one query against one key
-    kv_bytes_per_token: int  # all layers
+    kv_bytes_per_token: int  # all unbounded KV layers (all layers when ``caches`` is None)
     elem: int  # bytes per weight / activation element
     dense_bytes: int  # resident weights (the experts too when they are not offloaded)
     row_s: float = 2e-5  # per sampled token: sampler, detokenizer, stop rules (measured by the planner)
     expert_quant: Optional[tuple[str, float]] = None  # quantized experts: (kind, region bytes per parameter)
     state_bytes_per_seq: int = 0  # fixed per sequence, whatever its length (linear-attention layers' states)
-    kv_layers: Optional[int] = None  # layers that attend over a KV cache (None: all)
+    caches: Optional[tuple] = None  # each layer's runtime.cache_spec.LayerCache (None: every layer plain KV)
 
     @classmethod
     def of(cls, model, expert_layout=None) -> "ModelCost":
         from ..experts.setup import dense_bytes, kv_bytes_per_token, moe_blocks
-        from .cache_spec import state_bytes_per_seq
+        from .cache_spec import layer_caches, state_bytes_per_seq
         from ..models.moe import ExpertsBase
 
         args = model.args
@@ -114,7 +128,40 @@ class ModelCost:
                    attn_flops_per_pair=2.0 * hq * (dqk + dv), kv_bytes_per_token=kv_bytes_per_token(args, p.dtype),
                    elem=p.dtype.itemsize, dense_bytes=dense_bytes(model), expert_quant=quant,
                    state_bytes_per_seq=state_bytes_per_seq(args, p.dtype),
-                   kv_layers=sum(c.kind == "kv" for c in args.layer_caches(p.dtype)))
+                   caches=tuple(layer_caches(args, p.dtype)))
+
+    def seq_bytes(self, tokens: int) -> int:
+        """Cache bytes one sequence of ``tokens`` tokens holds: each layer for what it caches."""
+        if self.caches is None:
+            return tokens * self.kv_bytes_per_token + self.state_bytes_per_seq
+        return sum(c.seq_bytes(tokens) for c in self.caches)
+
+    def cache_groups(self) -> list[tuple]:
+        """``(LayerCache, how many layers)`` for each kind of layer cache the model has."""
+        if self.caches is None:
+            from .cache_spec import kv
+
+            return [(kv(self.kv_bytes_per_token // max(self.layers, 1)), self.layers)]
+        groups: dict = {}
+        for c in self.caches:
+            groups[c] = groups.get(c, 0) + 1
+        return list(groups.items())
+
+    def attention_s(self, s: PassShape, prof: MachineProfile, calls: float) -> float:
+        """Seconds of a pass's attention (or linear-attention) work, layer kind by kind: per layer ``calls``
+        (the fixed cost of its calls) and, for a layer with keys, the larger of its query-key pairs at the
+        attention rate and its cached keys at the copy rate (a bounded layer's at most its limit a query,
+        :meth:`PassShape.attended`); for a state layer its update's FLOPs per token at the attention rate
+        and its state read and written once per sequence."""
+        total = 0.0
+        for c, count in self.cache_groups():
+            if c.kind == "state":
+                per = s.tokens * c.flops_per_token / prof.attn_flops + 2 * s.seqs * c.bytes_per_seq / prof.copy_bps
+            else:
+                pairs, keys = s.attended(c)
+                per = max(pairs * self.attn_flops_per_pair / prof.attn_flops, keys * c.bytes_per_token / prof.copy_bps)
+            total += count * (calls + per)
+        return total
 
     @property
     def expert_bytes(self) -> int:
@@ -193,9 +240,7 @@ class ModelCost:
         # decoding sequences attend together, one call per layer (on the KV pool); prompt chunks one each
         group = s.decode if s.decode >= 2 else 0.0
         calls = (s.seqs - group) * prof.attn_call_s + (prof.attn_group_s if group else 0.0)
-        att = self.layers if self.kv_layers is None else self.kv_layers
-        attn = att * (calls + max(s.pairs * self.attn_flops_per_pair / prof.attn_flops,
-                                  s.ctx * self.kv_bytes_per_token / max(att, 1) / prof.copy_bps))
+        attn = self.attention_s(s, prof, calls)
         other = (self.layers * (prof.layer_s + 24 * T * self.hidden * e / prof.copy_bps)
                  + s.seqs * prof.seq_s)
         head = (self.matmul_s(s.rows, self.head, prof) if s.rows else 0.0) \
@@ -401,7 +446,7 @@ class Planner:
         c = self.cost
         if job.n == 0:
             raise MoetierError("nothing to plan: no sequences")
-        reserve = [job.reserve_tokens(i) * c.kv_bytes_per_token + c.state_bytes_per_seq for i in range(job.n)]
+        reserve = [c.seq_bytes(job.reserve_tokens(i)) for i in range(job.n)]
         biggest, mean_reserve = max(reserve), sum(reserve) / job.n
         slot_options: list[Optional[int]] = [None]
         if self.offloaded:

@@ -114,13 +114,10 @@ class ThroughputRunner:
         expert store back as the latency engine had it.
         """
         e = self.engine
-        from .cache_spec import kv_bytes_per_token, state_bytes_per_seq
+        from .cache_spec import seq_bytes
 
-        kv_tok = kv_bytes_per_token(e.model.args, e.dtype)
-        state_seq = state_bytes_per_seq(e.model.args, e.dtype)  # fixed per sequence (linear-attention layers)
-
-        def need_of(s: Sequence) -> int:
-            return self.reserve_tokens(s) * kv_tok + state_seq
+        def need_of(s: Sequence) -> int:  # every layer for what it caches (bounded rings, fixed states)
+            return seq_bytes(e.model.args, e.dtype, self.reserve_tokens(s))
 
         for s in seqs:
             if need_of(s) > plan.kv_budget:
@@ -140,7 +137,7 @@ class ThroughputRunner:
         # budget (decode attention then runs on the pool as it lies); else a cache per sequence
         longest = max((self.reserve_tokens(s) for s in seqs), default=0)
         slots = min(plan.max_seqs, len(seqs))
-        row = longest * kv_tok + state_seq
+        row = seq_bytes(e.model.args, e.dtype, longest)
         pool = KVPool(e.num_layers, slots, longest, e.device, e.dtype) \
             if seqs and slots * row <= plan.kv_budget else None
         rep.kv_pool_bytes = slots * row if pool is not None else 0
@@ -163,7 +160,8 @@ class ThroughputRunner:
                     shape = PassShape(tokens=sum(lengths), rows=0, seqs=len(chosen),
                                       pairs=sum(n * (s.kv.length + n) for s, n in zip(chosen, lengths)),
                                       ctx=sum(s.kv.length + n for s, n in zip(chosen, lengths)),
-                                      decode=sum(1 for n in lengths if n == 1))
+                                      decode=sum(1 for n in lengths if n == 1),
+                                      spans=[(s.kv.length, n) for s, n in zip(chosen, lengths)])
                     events = forward_step(e.model, chosen, lengths, e.eos, hooks)
                     shape.rows = len(events)
                     rep.shapes.append(shape)

@@ -80,7 +80,7 @@ def checkpoint_dtype(raw: dict, reader: SafetensorsReader) -> torch.dtype:
 
 def load_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-    *, verify: bool | str | None = None, experts: bool = True,
+    *, verify: bool | str | None = None, experts: bool = True, experts_scheme=None,
 ) -> tuple[CausalLM, BaseModelArgs, dict]:
     """Return ``(model, args, raw_config)`` with every weight on ``device`` in ``dtype``.
 
@@ -89,6 +89,10 @@ def load_model(
     but ``"off"`` checks the checksum of each region this load reads (packed folders; sizes are
     always checked; safetensors files carry no checksums). ``experts=False`` leaves the routed
     experts unloaded (on the meta device), for the expert store to serve.
+
+    ``experts_scheme``: an exact ``kernels.quant.QuantScheme`` (``MXFP4_INT8``) that MXFP4 experts of a
+    safetensors folder are quantized by as they are read, one expert at a time, so the load never holds
+    a layer's experts dequantized; a QuantError if one cannot be held exactly (then load without it).
     """
     folder = Path(folder)
     family, args, raw = load_args(folder)
@@ -105,7 +109,8 @@ def load_model(
     else:
         with family.weights.open(SafetensorsReader(folder)) as reader:
             dtype = parse_dtype(dtype) or checkpoint_dtype(raw, reader)
-            state = _collect(reader, family, args, expected, device, dtype)
+            exact = experts_scheme if getattr(reader, "mxfp4", False) else None
+            state = _collect(reader, family, args, expected, device, dtype, exact, quant)
     missing = [n for n in expected if n not in state and n not in quant and n.rsplit(".", 1)[0] not in quant]
     if args.tie_word_embeddings and "lm_head.weight" in missing:
         missing.remove("lm_head.weight")
@@ -149,16 +154,22 @@ def mapped_names(reader: SafetensorsReader, family: Family, args: BaseModelArgs)
         yield hf_name, family.weights.translate(hf_name)
 
 
-def _collect(reader, family, args, expected, device, dtype) -> dict[str, torch.Tensor]:
-    """Read every tensor the model expects, checking shapes, stacking per-expert pieces."""
+def _collect(reader, family, args, expected, device, dtype, scheme=None, quant=None) -> dict[str, torch.Tensor]:
+    """Read every tensor the model expects, checking shapes, stacking per-expert pieces; with ``scheme``,
+    stacked experts go into ``quant`` as ``(layout, regions)`` per layer instead (:func:`_quantized_experts`)."""
     state: dict[str, torch.Tensor] = {}
     pieces: dict[str, list[tuple[ExpertPiece, str]]] = {}
+    stacked: dict[str, dict[str, str]] = {}  # experts prefix -> {gate_up_proj | down_proj: checkpoint name}
     for hf_name, name in mapped_names(reader, family, args):
         if isinstance(name, ExpertPiece):
             pieces.setdefault(name.target, []).append((name, hf_name))
             continue
         if name not in expected:
             log.debug("ignoring checkpoint tensor %s", hf_name)
+            continue
+        if scheme is not None and is_expert_param(name):
+            prefix, kind = name.rsplit(".", 1)
+            stacked.setdefault(prefix, {})[kind] = hf_name
             continue
         _check_shape(reader, hf_name, reader.shape(hf_name), tuple(expected[name].shape))
         want = torch.float32 if family.weights.keeps_fp32(name) else dtype
@@ -168,7 +179,33 @@ def _collect(reader, family, args, expected, device, dtype) -> dict[str, torch.T
             log.debug("ignoring expert tensors for %s", target)
             continue
         state[target] = _stack_experts(reader, target, items, tuple(expected[target].shape), device, dtype)
+    for prefix, names in stacked.items():
+        if len(names) < 2:  # not both as one stack: read as they are
+            for kind, hf_name in names.items():
+                _check_shape(reader, hf_name, reader.shape(hf_name), tuple(expected[f"{prefix}.{kind}"].shape))
+                state[f"{prefix}.{kind}"] = _own(reader.get(hf_name), device, dtype)
+            continue
+        quant[prefix] = _quantized_experts(reader, prefix, names, expected, device, dtype, scheme)
     return state
+
+
+def _quantized_experts(reader, prefix: str, names: dict, expected: dict, device, dtype, scheme):
+    """One layer's experts quantized by ``scheme`` as they are read, one expert at a time, into regions laid
+    out as resident quantized experts are (``Experts.quantize``): ``(layout, regions [E, slot_bytes])``."""
+    from ..kernels.quant import quantize
+    from ..kernels.region import QuantExpertLayout
+    from .packed_quant import _storage
+
+    gu, dn = (tuple(expected[f"{prefix}.{k}"].shape) for k in ("gate_up_proj", "down_proj"))
+    for kind, shape in (("gate_up_proj", gu), ("down_proj", dn)):
+        _check_shape(reader, names[kind], reader.shape(names[kind]), shape)
+    layout = QuantExpertLayout.of(scheme, gu[1:], dn[1:], dtype)
+    regions = _storage(gu[0] * layout.slot_bytes, device).view(gu[0], layout.slot_bytes)
+    for e in range(gu[0]):
+        w = [quantize(reader.read(names[k], e).to(dtype), scheme, what=f"{prefix}.{k}[{e}]")
+             for k in ("gate_up_proj", "down_proj")]
+        layout.write(regions[e], *w)
+    return layout, regions
 
 
 def _own(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

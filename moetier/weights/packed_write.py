@@ -31,7 +31,8 @@ from ..units import parse_size
 from .loader import _check_shape, checkpoint_dtype, is_expert_param, load_args, mapped_names, parse_dtype
 from .atomic import new_folder
 from .packed_quant import QUANT_VERSION, check_schemes, index_quant, write_quant_dense, write_quant_expert
-from ..kernels.quant import parse_scheme
+from ..kernels.quant import QuantScheme, parse_scheme
+from .views import stored_scheme
 from ..models.quantize import dense_targets
 from .packed import ALIGN, FORMAT, INDEX_NAME, VERSION, _bar, dtype_name, is_packed
 from .direct_io import round_up
@@ -215,19 +216,22 @@ def _write_expert(w: _Writer, reader: SafetensorsReader, lay: _ExpertLayer, e: i
 
 def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None,
             max_file_size: int | str = DEFAULT_MAX_FILE_SIZE, force: bool = False, progress: bool = True,
-            quant: Optional[str] = None, group_size: Optional[int] = None, quant_dense: Optional[str] = None) -> Path:
+            quant=None, group_size: Optional[int] = None, quant_dense: Optional[str] = None) -> Path:
     """Write the checkpoint folder ``src`` to ``dst`` in the packed format; returns ``dst``.
 
     ``quant``: ``"int8"`` or ``"int4"`` routed experts (``group_size`` inputs per scale; int8
     default per-channel, int4 32), ``quant_dense``: ``"int8"`` (per-channel) attention, LM head
     and dense MLPs, or ``"none"``; scales in the stored dtype (kernels/quant.py, packed_quant.py).
+    ``quant`` may also be a ``kernels.quant.QuantScheme``. MXFP4 experts (gpt-oss) are written as
+    ``kernels.quant.MXFP4_INT8`` (exactly their values) unless ``quant`` names another kind or ``"none"``.
 
     ``dtype``: stored dtype (default: the checkpoint's own, so outputs are bit-identical; router
     weights a family keeps in float32 stay float32). ``max_file_size``: bytes per weight file
     (a region larger than that gets a file of its own). ``force``: replace a non-empty ``dst``.
     """
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    expert_scheme, dense_scheme = parse_scheme(quant, group_size), parse_scheme(quant_dense)
+    expert_scheme = quant if isinstance(quant, QuantScheme) else parse_scheme(quant, group_size)
+    dense_scheme = parse_scheme(quant_dense)
     max_file_size = parse_size(max_file_size)
     if max_file_size < ALIGN:
         raise ValueError(f"max_file_size must be at least {ALIGN} bytes, got {max_file_size}")
@@ -243,6 +247,8 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     family, args, raw = load_args(src)
     with family.weights.open(SafetensorsReader(src)) as reader:
         source_dtype = checkpoint_dtype(raw, reader)
+        if quant is None and getattr(reader, "mxfp4", False):  # kept as stored, exactly (weights/views.py)
+            expert_scheme = stored_scheme(src)
         target = parse_dtype(dtype) or source_dtype
         with torch.device("meta"):
             meta_model = family.build(args)

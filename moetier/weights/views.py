@@ -9,16 +9,26 @@ moetier's routed experts are ``gate_up_proj`` ``[E, 2I, H]`` (gate rows, then up
 columns as moetier's. :class:`ExpertsView` wraps a :class:`SafetensorsReader` and serves those
 tensors already converted (MXFP4 dequantized, exactly, to bfloat16), under the names and shapes the
 model takes, so the loader and ``moetier convert`` read them like any other tensor.
+
+Dequantized is not how they stay: unless another quantization is asked for, loading and converting an
+MXFP4 checkpoint quantize its experts by ``kernels.quant.MXFP4_INT8`` (:func:`stored_scheme`), int8
+codes in groups of 32 with power-of-two scales, which hold every MXFP4 value exactly (a resident load quantizes
+them one expert at a time as it reads them, ``loader.load_model(experts_scheme=)``; a group whose
+values are not finite in the run's dtype, i.e. an exponent out of its range, leaves the experts
+dequantized, logged: ``models/quantize.py``, ``experts/setup.py``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ..kernels.quant import QuantScheme
 
 # e2m1 codes 0..15 (transformers' integrations/mxfp4.py FP4_VALUES)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -41,6 +51,30 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     vals = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # [..., G, 16, 2]
     vals = vals.flatten(-2) * torch.exp2(scales.float() - 127.0).to(torch.bfloat16)[..., None]  # [..., G, 32]
     return vals.flatten(-2)
+
+
+def has_mxfp4_experts(names) -> bool:
+    """Whether tensor ``names`` hold the routed experts as MXFP4: ``*.experts.{gate_up,down}_proj_blocks``
+    with their ``*_scales``, and none of them in another form."""
+    present = set(names)
+    blocks = [n for n in present if n.endswith(tuple(f + "_blocks" for f in _FUSED))]
+    return (bool(blocks) and all(n.removesuffix("_blocks") + "_scales" in present for n in blocks)
+            and not any(n.endswith(_FUSED) for n in present))
+
+
+def stored_scheme(path) -> Optional["QuantScheme"]:
+    """The quantization that keeps the experts of the checkpoint folder ``path`` as they are stored, where
+    it has one: :data:`~moetier.kernels.quant.MXFP4_INT8` for MXFP4 experts; None for anything else (a
+    packed folder, a GGUF file, float experts)."""
+    from ..kernels.quant import MXFP4_INT8
+    from .packed import is_packed
+    from .safetensors import SafetensorsReader
+
+    path = Path(path)
+    if not path.is_dir() or is_packed(path) or not any(path.glob("*.safetensors")):
+        return None
+    with SafetensorsReader(path) as reader:
+        return MXFP4_INT8 if has_mxfp4_experts(reader.names()) else None
 
 
 def _deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -75,6 +109,11 @@ class ExpertsView:
 
     def names(self) -> list[str]:
         return list(self._names)
+
+    @property
+    def mxfp4(self) -> bool:
+        """Whether some expert tensors are stored as MXFP4."""
+        return bool(self._mxfp4)
 
     def _source(self, name: str) -> str:
         return self._mxfp4[name][0] if name in self._mxfp4 else name
