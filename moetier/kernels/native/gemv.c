@@ -163,7 +163,7 @@ static inline int64_t int4_pos(int64_t nb, int64_t b, int i) {
 }
 
 /* int8 kernel: x [K] quantized per lane group (the header): q [K] in input order, d8 / c8 [16 per 512-span]. */
-static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, float *d8, int32_t *c8) {
+__attribute__((unused)) static void quantize_row_lanes_ref(const void *x, int x_kind, int64_t K, int8_t *q, float *d8, int32_t *c8) {
     for (int64_t s = 0; s * 512 < K; s++)
         for (int l = 0; l < 16; l++) {
             float amax = 0.f;
@@ -184,6 +184,65 @@ static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, 
             d8[s * 16 + l] = db;
             c8[s * 16 + l] = 128 * sum;
         }
+}
+
+#ifdef MT_AVX512
+static inline __m512 load_x16(const void *x, int x_kind, int64_t i) {
+    if (x_kind == OUT_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16));
+    return _mm512_loadu_ps((const float *)x + i);
+}
+
+/* Each element of v replaced by the max / sum of its aligned group of 4 (one lane group's inputs of one load). */
+static inline __m512 max4(__m512 v) {
+    v = _mm512_max_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_max_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+}
+static inline __m512i sum4(__m512i v) {
+    v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_CDAB));
+    return _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));
+}
+#endif
+
+/* quantize_row_lanes_ref vectorized, the same arithmetic (max, d = max / 127, codes round(x * (1 / d)) to
+ * nearest even, clamped): the same codes and scales. Float vector j of a 64-input load holds lane groups
+ * 4j..4j+3, four inputs each. K % 32 == 0, so a span's loads are whole vectors. */
+static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, float *d8, int32_t *c8) {
+#ifdef MT_AVX512
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    for (int64_t k0 = 0; k0 < K; k0 += 512) {
+        int64_t n = K - k0 < 512 ? K - k0 : 512, sp = k0 / 512;
+        __m512 mx[4], id[4];
+        for (int j = 0; j < 4; j++) mx[j] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < n; p += 16)
+            mx[(p / 16) & 3] = _mm512_max_ps(mx[(p / 16) & 3], _mm512_and_ps(load_x16(x, x_kind, k0 + p), absmask));
+        for (int j = 0; j < 4; j++) {
+            __m512 d = _mm512_div_ps(max4(mx[j]), _mm512_set1_ps(127.f));
+            __mmask16 pos = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_GT_OQ);
+            id[j] = _mm512_maskz_div_ps(pos, _mm512_set1_ps(1.f), d);
+            float t[16];
+            _mm512_storeu_ps(t, d);
+            for (int g = 0; g < 4; g++) d8[sp * 16 + 4 * j + g] = t[4 * g];
+        }
+        __m512i sum[4];
+        for (int j = 0; j < 4; j++) sum[j] = _mm512_setzero_si512();
+        for (int64_t p = 0; p < n; p += 16) {
+            int j = (p / 16) & 3;
+            __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, x_kind, k0 + p), id[j]));
+            c = _mm512_max_epi32(_mm512_min_epi32(c, hi), lo);
+            _mm_storeu_si128((__m128i *)(q + k0 + p), _mm512_cvtepi32_epi8(c));
+            sum[j] = _mm512_add_epi32(sum[j], c);
+        }
+        for (int j = 0; j < 4; j++) {
+            int32_t t[16];
+            _mm512_storeu_si512(t, sum4(sum[j]));
+            for (int g = 0; g < 4; g++) c8[sp * 16 + 4 * j + g] = 128 * t[4 * g];
+        }
+    }
+#else
+    quantize_row_lanes_ref(x, x_kind, K, q, d8, c8);
+#endif
 }
 
 typedef struct {
