@@ -132,7 +132,7 @@ static inline float x_at(const void *x, int x_kind, int64_t i) {
 /* ------------------------------------------------------------------ activations, int8 per 32 */
 
 /* Quantize row `x` [K] (bf16 or f32) per block of 32: q = round(x / d), d = max|x| / 127. */
-static void quantize_row(const void *x, int x_kind, int64_t K, int8_t *q, float *d, int32_t *sum) {
+__attribute__((unused)) static void quantize_row_ref(const void *x, int x_kind, int64_t K, int8_t *q, float *d, int32_t *sum) {
     for (int64_t b = 0; b < K / 32; b++) {
         float v[32], amax = 0.f;
         for (int j = 0; j < 32; j++) {
@@ -242,6 +242,28 @@ static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, 
     }
 #else
     quantize_row_lanes_ref(x, x_kind, K, q, d8, c8);
+#endif
+}
+
+/* quantize_row_ref vectorized, the same arithmetic: the same codes, scales and sums. */
+static void quantize_row(const void *x, int x_kind, int64_t K, int8_t *q, float *d, int32_t *sum) {
+#ifdef MT_AVX512
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m512 v0 = load_x16(x, x_kind, b * 32), v1 = load_x16(x, x_kind, b * 32 + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, absmask), _mm512_and_ps(v1, absmask)));
+        float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
+        __m512 iv = _mm512_set1_ps(id);
+        __m512i c0 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv)), hi), lo);
+        __m512i c1 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv)), hi), lo);
+        _mm_storeu_si128((__m128i *)(q + b * 32), _mm512_cvtepi32_epi8(c0));
+        _mm_storeu_si128((__m128i *)(q + b * 32 + 16), _mm512_cvtepi32_epi8(c1));
+        d[b] = db;
+        sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+    }
+#else
+    quantize_row_ref(x, x_kind, K, q, d, sum);
 #endif
 }
 
