@@ -339,6 +339,10 @@ static inline __m512 load_scales16(const void *s, int kind, int64_t i, __mmask16
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+static inline __m512 bf16x16(const uint16_t *p) {  /* 16 bf16 values as float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
 static inline void store_out16(void *y, int out_kind, int64_t i, __m512 v) {
     if (out_kind == OUT_F32) {
         _mm512_storeu_ps((float *)y + i, v);
@@ -910,7 +914,13 @@ int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, co
             float *s = sc + h * L, mx = -INFINITY, tot = 0.f;
             for (int64_t t = 0; t < L; t++) {
                 float acc = 0.f;
-                for (int64_t i = 0; i < d; i++) acc += qh[i] * bf16_f32(kh[t * d + i]);
+                int64_t i = 0;
+#ifdef MT_AVX512
+                __m512 av = _mm512_setzero_ps();
+                for (; i + 16 <= d; i += 16) av = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), bf16x16(kh + t * d + i), av);
+                acc = _mm512_reduce_add_ps(av);
+#endif
+                for (; i < d; i++) acc += qh[i] * bf16_f32(kh[t * d + i]);
                 s[t] = acc * a->scale;
                 mx = s[t] > mx ? s[t] : mx;
             }
@@ -922,7 +932,12 @@ int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, co
             for (int64_t i = 0; i < d; i++) out[i] = 0.f;
             for (int64_t t = 0; t < L; t++) {
                 float pt = s[t] * inv;
-                for (int64_t i = 0; i < d; i++) out[i] += pt * bf16_f32(vh[t * d + i]);
+                int64_t i = 0;
+#ifdef MT_AVX512
+                for (; i + 16 <= d; i += 16)
+                    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(_mm512_set1_ps(pt), bf16x16(vh + t * d + i), _mm512_loadu_ps(out + i)));
+#endif
+                for (; i < d; i++) out[i] += pt * bf16_f32(vh[t * d + i]);
             }
             for (int64_t i = 0; i < d; i++) out[i] = rb(out[i]);
         }
