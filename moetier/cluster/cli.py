@@ -51,7 +51,9 @@ def cmd_batch_ray(args, options: dict) -> int:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ray cluster", "Serve on Ray Serve instead: one deployment per model "
                              "(MoetierModel-ID), its replicas each holding the model, scaled on ongoing "
-                             "requests; the HTTP proxy on --host:--port of the head node.")
+                             "requests, placed on the nodes that start the model fastest (page cache, local "
+                             "disk, network), streams moved to another replica when theirs is drained or "
+                             "dies; the HTTP proxy on --host:--port of the head node.")
     _add_ray_arg(g)
     g.add_argument("--replicas", action="append", default=None, metavar="[ID=]MIN:MAX",
                    help="replicas of model ID (no ID: of every model), e.g. 0:2 (none until the first request, "

@@ -245,19 +245,29 @@ class MoetierRouter:
                                  status_code=200, media_type=media, headers=keep)
 
     async def _follow(self, sid, name, kind, parsed, headers, tokens, gen, who):
+        """The client's stream: the replica's events as they come; on a drain, the rest from another
+        replica (the drained one streams on until that one has answered, and on where none can);
+        on a loss, the rest from another replica, or the replica_lost error."""
         from .migrate import MAX_MOVES, lost_event, next_or_change
         from .replica_sets import Watch, running
 
         dep = _dep_name(name)
         watch = Watch()
         pending = asyncio.ensure_future(gen.__anext__())
-        moves = 0
+        moves, stay = 0, False  # stay: a drained replica that nothing could take over from streams on
         try:
             while True:
                 watch.event.clear()
                 now = running(dep)
-                if now and who["replica"] not in now and not tokens.finished:
-                    outcome = "drained"  # Serve sends it nothing new and stops it once this ends: move now
+                if now and who["replica"] not in now and not stay and not tokens.finished:
+                    # drained: Serve sends it nothing new and stops it once this ends; move while it still runs
+                    moved = None
+                    if tokens.prompt_ids is not None and moves < MAX_MOVES:
+                        moved = await self._continue(name, kind, parsed, headers, tokens)
+                    if moved is None or moved == "finished":
+                        stay = True
+                        continue
+                    outcome = "drained"
                 else:
                     what, item = await next_or_change(gen, pending, watch)
                     if what == "change":
@@ -270,24 +280,24 @@ class MoetierRouter:
                             return
                         pending = asyncio.ensure_future(gen.__anext__())
                         continue
-                    outcome = "lost"
                     log.warning("%s: replica %s lost mid-stream: %s", name, who["replica"], item)
+                    if tokens.failed or tokens.finished:  # nothing left to generate: close the stream
+                        yield _finish(tokens, kind, parsed, name)
+                        return
+                    others = (running(dep) or frozenset()) - {who["replica"]}
+                    moved = None
+                    if others and moves < MAX_MOVES and tokens.prompt_ids is not None:
+                        moved = await self._continue(name, kind, parsed, headers, tokens)
+                    if moved == "finished":
+                        yield _finish(tokens, kind, parsed, name)
+                        return
+                    if moved is None:
+                        self.moved["failed"] += 1
+                        yield lost_event(name)
+                        return
+                    outcome = "lost"
                 pending.cancel()
-                gen.cancel()
-                if tokens.failed or tokens.finished:  # nothing left to generate: close the stream
-                    yield _finish(tokens, kind, parsed, name)
-                    return
-                others = (running(dep) or frozenset()) - {who["replica"]}
-                moved = None
-                if others and moves < MAX_MOVES and tokens.prompt_ids is not None:
-                    moved = await self._continue(name, kind, parsed, headers, tokens)
-                if moved is None:
-                    self.moved["failed"] += 1
-                    yield lost_event(name)
-                    return
-                if moved == "finished":
-                    yield _finish(tokens, kind, parsed, name)
-                    return
+                gen.cancel()  # the first request ends there; what it generated since goes unsent
                 moves += 1
                 self.moved[outcome] += 1
                 gen, who = moved
