@@ -41,8 +41,10 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deploy(ray_cluster, folders):
-    """Deploy (or redeploy) the app with replica bounds; what the nodes report of b is set: only the
-    second node's page cache holds it (the head's disk has it, cold)."""
+    """Deploy (or redeploy) the app with replica bounds. What the nodes report is set (they share one
+    disk and page cache): b only in the second node's page cache (on the head's disk, cold), a and c
+    the other way round, so a and c fill the head's two CPUs first, and the one that does not fit
+    goes to the second node, which keeps a CPU for b."""
     import ray
 
     models = {m: str(p) for m, p in folders.items()}
@@ -51,6 +53,9 @@ def deploy(ray_cluster, folders):
     [other] = [n for n in reports if n != head]
     reports[head]["b"] = asdict(Holding("disk", 4 * GB, 0, True))
     reports[other]["b"] = asdict(Holding("cache", 4 * GB, 4 * GB, True))
+    for m in ("a", "c"):
+        reports[head][m] = asdict(Holding("cache", 4 * GB, 4 * GB, True))
+        reports[other][m] = asdict(Holding("disk", 4 * GB, 0, True))
     port = _free_port()
 
     def go(scales):
@@ -231,23 +236,30 @@ def test_a_replica_killed_mid_stream_is_resumed_on_the_other(app, undisturbed):
 def test_a_drained_replica_s_streams_move_with_the_same_tokens(app, deploy, undisturbed):
     from ray import serve
 
-    # the replica killed above is back (Serve restarts it): two again, each serving one stream
+    # the replica killed above is back (Serve restarts it): two again, with streams on both (Serve's
+    # router picks; a stream more until each replica has one)
     _until(lambda: len(_cluster(app)["replicas"]["c"]) == 2, what="c's two replicas")
     moved = _cluster(app)["moved"]
-    readers = [Reader(app, *COMPLETION), Reader(app, *CHAT)]
-    for i, r in enumerate(readers):  # the second once the first runs: Serve sends it to the idle replica
-        r.start()
-        _until(lambda: len(_streams_on(app, 2)) == i + 1, what="the streams")
-    assert len({s["replica"] for s in _streams_on(app, 2)}) == 2, _streams_on(app, 2)  # one on each replica
+    readers = []
+    for path, body in (COMPLETION, CHAT, COMPLETION, CHAT):
+        readers.append(Reader(app, path, body))
+        readers[-1].start()
+        _until(lambda: len(_streams_on(app, 4)) == len(readers), what="the streams")
+        if len({s["replica"] for s in _streams_on(app, 4)}) == 2:
+            break
+    on = [s["replica"] for s in _streams_on(app, 4)]
+    assert len(set(on)) == 2, on
     # c down to one replica (a redeploy that changes only the bounds): Serve drains one of the two
     deploy({"a": Scale(1, 1), "b": Scale(0, 1), "c": Scale(1, 1)})
     for r in readers:
         r.join(120)
-    for r, (path, _) in zip(readers, (COMPLETION, CHAT)):
+    for r in readers:
         text, usage = r.text()
-        assert text == undisturbed[path]
+        assert text == undisturbed[r.path]  # the same tokens as without the drain
         assert usage["completion_tokens"] == LONG
-    assert _cluster(app)["moved"]["drained"] == moved["drained"] + 1
+    [kept] = [r["replica"] for r in _cluster(app)["replicas"]["c"]]
+    assert kept in on
+    assert _cluster(app)["moved"]["drained"] == moved["drained"] + sum(1 for x in on if x != kept) > moved["drained"]
     assert serve.status().applications["moetier-test"].deployments["MoetierModel-c"].replica_states == {"RUNNING": 1}
 
 

@@ -156,13 +156,7 @@ class MoetierRouter:
         if path == "/v1/models" and method == "GET":
             return JSONResponse({"object": "list", "data": [self._card(m) for m in self.handles]})
         if path == "/cluster" and method == "GET":
-            from .replica_sets import running
-
-            return JSONResponse({"placement": self.placement, "streams": list(self.streams.values()),
-                                 "moved": self.moved,
-                                 "replicas": {m: [self.seen.get(i, {"replica": i}) for i in sorted(running(_dep_name(m))
-                                                                                                   or [])]
-                                              for m in self.handles}})
+            return JSONResponse(self._status())
         body = await request.body()
         if path.startswith("/v1/models/"):
             name = path[len("/v1/models/"):].removesuffix("/load").removesuffix("/unload")
@@ -185,6 +179,15 @@ class MoetierRouter:
         else:
             return _error(404, f"no route {method} {path}", "not_found")
         return await self._forward(name, request, body)
+
+    def _status(self) -> dict:
+        """``GET /cluster``: the placement plan, the running replicas, the streams in flight, the moves."""
+        from .replica_sets import running
+
+        replicas = {m: [self.seen.get(i, {"replica": i}) for i in sorted(running(_dep_name(m)) or [])]
+                    for m in self.handles}
+        return {"placement": self.placement, "replicas": replicas, "streams": list(self.streams.values()),
+                "moved": self.moved}
 
     async def _open(self, name: str, method: str, path: str, query: bytes, headers: list, body: bytes):
         """Send one request to the model's deployment: its stream, the replica, the status and headers."""
