@@ -23,6 +23,7 @@ from tiny import FAMILY_CONFIGS, add_char_tokenizer, make_checkpoint
 
 from procs import titled
 
+KILLED = []  # the replicas the tests killed
 LONG = 1200  # tokens of the streams that outlive a kill or a drain (model c: a few seconds)
 GB = 10**9
 
@@ -226,6 +227,7 @@ def test_a_replica_killed_mid_stream_is_resumed_on_the_other(app, undisturbed):
     [s] = _streams_on(app, 1)
     assert s["pid"] in titled(b"MoetierModel-c")
     os.kill(s["pid"], signal.SIGKILL)
+    KILLED.append(s["replica"])
     reader.join(120)
     text, usage = reader.text()
     assert text == undisturbed[COMPLETION[0]]  # the same tokens as a run without the kill
@@ -236,9 +238,13 @@ def test_a_replica_killed_mid_stream_is_resumed_on_the_other(app, undisturbed):
 def test_a_drained_replica_s_streams_move_with_the_same_tokens(app, deploy, undisturbed):
     from ray import serve
 
-    # the replica killed above is back (Serve restarts it): two again, with streams on both (Serve's
-    # router picks; a stream more until each replica has one)
-    _until(lambda: len(_cluster(app)["replicas"]["c"]) == 2, what="c's two replicas")
+    # the replica killed above replaced (Serve starts another): two again, with streams on both
+    # (Serve's router picks; a stream more until each replica has one)
+    def two():  # Serve's view: two replicas, the killed one no longer among them
+        ids = {r["replica"] for r in _cluster(app)["replicas"]["c"]}
+        return len(ids) == 2 and not ids & set(KILLED)
+
+    _until(two, what="c's two replicas")
     moved = _cluster(app)["moved"]
     readers = []
     for path, body in (COMPLETION, CHAT, COMPLETION, CHAT):

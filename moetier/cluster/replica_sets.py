@@ -22,6 +22,12 @@ def replicas_changed(deployment: str, ids: set) -> None:
         loop.call_soon_threadsafe(ev.set)
 
 
+def replica_died(deployment: str, replica: str) -> None:
+    with _lock:
+        if replica in _running.get(deployment, ()):
+            _running[deployment] = _running[deployment] - {replica}
+
+
 def running(deployment: str):
     """The running replicas' ids, or None before Serve has reported any set for the deployment."""
     with _lock:

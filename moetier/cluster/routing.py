@@ -19,3 +19,10 @@ class MoetierRequestRouter(PowerOfTwoChoicesRequestRouter):
         from moetier.cluster.replica_sets import replicas_changed  # the process's own module, by name
 
         replicas_changed(self._deployment_id.name, {r.replica_id.unique_id for r in replicas})
+
+    def on_replica_actor_died(self, replica_id):
+        """A request found the replica dead: Serve routes nothing more to it, before its controller knows."""
+        super().on_replica_actor_died(replica_id)
+        from moetier.cluster.replica_sets import replica_died
+
+        replica_died(self._deployment_id.name, replica_id.unique_id)

@@ -231,12 +231,18 @@ class MoetierRouter:
 
         from .migrate import Tokens
 
+        from .replica_sets import running
+
         headers = self._headers(request)
         fwd = json.dumps(dict(parsed, return_token_ids=True)).encode()
-        try:
-            gen, who, status, out_headers = await self._open(name, "POST", request.url.path, b"", headers, fwd)
-        except Exception as e:
-            return _unavailable(name, e)
+        for attempt in range(3):
+            try:
+                gen, who, status, out_headers = await self._open(name, "POST", request.url.path, b"", headers, fwd)
+                break
+            except Exception as e:  # sent to a replica that had just died: Serve drops it, another may answer
+                if attempt == 2 or not running(_dep_name(name)):
+                    return _unavailable(name, e)
+                await asyncio.sleep(0.2 * (attempt + 1))
         keep = {k: v for k, v in out_headers if k.lower() not in HOP | {"content-type"}}
         media = dict(out_headers).get("content-type")
         if status != 200:  # the app's own answer (a 400...): as it is
