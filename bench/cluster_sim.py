@@ -27,6 +27,8 @@ that waited, cold starts by tier, migrations; ``--plot FILE`` draws p50 / p99 pe
 
 The rates default to ``--rates FILE`` (the JSON of bench/load.py: the packed loader warm and cold),
 else the figures measured on the development machine (see docs), and the network rate is stated.
+The startup estimate and the rates are those ``moetier serve --ray`` places replicas by
+(moetier/cluster/placement.py).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ import statistics
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
-TIERS = ("cache", "disk", "remote")
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from moetier.cluster.placement import TIERS, Rates  # noqa: E402
 
 
 @dataclass
@@ -92,6 +96,7 @@ class LRU:
 class Sim:
     def __init__(self, fleet: Fleet, sizes: list[float], policy: str, seed: int):
         self.f, self.sizes, self.policy = fleet, sizes, policy
+        self.rates = Rates(fleet.cache_gbps, fleet.disk_gbps, fleet.network_gbps, fleet.start_s)
         self.rng = random.Random(seed)
         self.cache = [LRU(fleet.cache_gb) for _ in range(fleet.nodes)]
         self.disk = [LRU(fleet.disk_gb) for _ in range(fleet.nodes)]
@@ -122,8 +127,7 @@ class Sim:
         return "cache" if m in self.cache[n].items else "disk" if m in self.disk[n].items else "remote"
 
     def load_s(self, n: int, m: int) -> float:
-        rate = {"cache": self.f.cache_gbps, "disk": self.f.disk_gbps, "remote": self.f.network_gbps}[self.tier(n, m)]
-        return self.f.start_s + self.sizes[m] / rate
+        return self.rates.startup_s({self.tier(n, m): self.sizes[m]})
 
     # -- placement -----------------------------------------------------------------------------------
 
@@ -309,7 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=None, metavar="PNG")
     a = ap.parse_args(argv)
-    cache, disk = measured(a.rates)
+    r = Rates.measured(a.rates)
+    cache, disk = r.cache_gbps, r.disk_gbps
     fleet = Fleet(nodes=a.nodes, gpu_gb=a.gpu_gb, cache_gbps=a.cache_gbps or cache, disk_gbps=a.disk_gbps or disk,
                   network_gbps=a.network_gbps)
     sizes = [round(a.min_gb * (a.max_gb / a.min_gb) ** (i / max(1, a.models - 1)), 1) for i in range(a.models)]
@@ -338,23 +343,6 @@ def main(argv=None) -> int:
     if a.plot:
         plot(results, a.plot)
     return 0
-
-
-def measured(path) -> tuple[float, float]:
-    """(page cache, disk) GB/s of the packed loader: bench/load.py's JSON lines, else the defaults."""
-    cache, disk = 6.0, 1.5
-    if path:
-        for line in open(path):
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if r.get("what") == "packed" and "gbps" in r:
-                if r.get("cache") == "warm":
-                    cache = r["gbps"]
-                elif r.get("cache") == "cold":
-                    disk = r["gbps"]
-    return cache, disk
 
 
 def plot(results: list[dict], path: str) -> None:

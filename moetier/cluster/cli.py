@@ -51,19 +51,28 @@ def cmd_batch_ray(args, options: dict) -> int:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ray cluster", "Serve on Ray Serve instead: one deployment per model "
                              "(MoetierModel-ID), its replicas each holding the model, scaled on ongoing "
-                             "requests; the HTTP proxy on --host:--port of the head node.")
+                             "requests, placed on the nodes that start the model fastest (page cache, local "
+                             "disk, network), streams moved to another replica when theirs is drained or "
+                             "dies; the HTTP proxy on --host:--port of the head node.")
     _add_ray_arg(g)
     g.add_argument("--replicas", action="append", default=None, metavar="[ID=]MIN:MAX",
                    help="replicas of model ID (no ID: of every model), e.g. 0:2 (none until the first request, "
                         "at most 2); repeatable (default: 1:1)")
+    g.add_argument("--load-rates", default=None, metavar="FILE",
+                   help="the placement's page-cache and disk rates: bench/load.py's JSON lines (the packed loader "
+                        "warm and cold; default: the figures of the development machine)")
+    g.add_argument("--network-gbps", type=float, default=None, metavar="GB/S",
+                   help="the placement's rate for a node that fetches the model (default 1.25: 10 GbE)")
 
 
 def cmd_serve_ray(args, models: dict, cascades: dict, options: dict) -> int:
+    from .placement import Rates
     from .serve import parse_scales, run
 
     if cascades:
         raise MoetierError("--ray serves --model deployments; --cascade runs on this machine only")
     scales = parse_scales(args.replicas or [], models)
     run(models, options, scales, address=args.ray, host=args.host, port=args.port, threads=args.threads,
-        api_key=args.api_key, max_requests=args.max_requests)
+        api_key=args.api_key, max_requests=args.max_requests,
+        rates=Rates.measured(args.load_rates, network_gbps=args.network_gbps))
     return 0

@@ -344,7 +344,8 @@ async def _generate(st: State, kind: str, req: Union[CompletionRequest, ChatComp
         st.pool.keep_alive(name, keep if keep is not None else st.keep_alive)
         opts = body.get("stream_options") or {}
         job = Job(kind, name, prompts, params, bool(req.stream), bool(opts.get("include_usage")),
-                  echo=kind == "completion" and bool(body.get("echo")), echo_only=echo_only(body, kind), tools=tp)
+                  echo=kind == "completion" and bool(body.get("echo")), echo_only=echo_only(body, kind), tools=tp,
+                  token_ids=bool(body.get("return_token_ids")))
         run = Run(job, entry, st.metrics, t0)
         await run.start()
         status = 200

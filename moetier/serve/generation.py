@@ -42,6 +42,7 @@ class Job:
     echo: bool = False
     echo_only: bool = False  # echo with max_tokens 0: the generated token is dropped
     tools: Optional[tools_mod.ToolPlan] = None
+    token_ids: bool = False  # vLLM's return_token_ids: the prompt's and the generated token ids go out too
 
 
 def generation_failed(e: Exception) -> APIError:
@@ -154,9 +155,26 @@ class Run:
                                                      echo_lp=lp))
                 else:
                     choices.append(completion_choice("completion", i, out, tok))
+        if job.token_ids:
+            self._add_ids(choices, done)
         choices.sort(key=lambda c: c["index"])
-        return completion_body(job.kind, new_id(job.kind), job.model, [], sum(len(ids) for _, ids in job.prompts),
+        body = completion_body(job.kind, new_id(job.kind), job.model, [], sum(len(ids) for _, ids in job.prompts),
                                tok, choices=choices, completion_tokens=generated)
+        if job.token_ids and job.kind == "chat":
+            body["prompt_token_ids"] = job.prompts[0][1]
+        return body
+
+    def _add_ids(self, choices: list, done: dict) -> None:
+        """vLLM's return_token_ids on a body: each choice's generated ids (and, completions, its prompt's)."""
+        by_index = {}
+        for tag in range(len(self.job.prompts)):
+            for out in done[tag].outs:
+                by_index[self._index(tag, out.index)] = (tag, [] if self.job.echo_only else list(out.token_ids))
+        for c in choices:
+            tag, ids = by_index[c["index"]]
+            c["token_ids"] = ids
+            if self.job.kind == "completion":
+                c["prompt_token_ids"] = self.job.prompts[tag][1]
 
     async def sse(self) -> AsyncIterator[bytes]:
         """The stream: role chunks (chat), the echoed prompt (with its logprobs), deltas, tool calls
@@ -171,12 +189,16 @@ class Run:
         calls: dict[int, tools_mod.CallStream] = {}  # chat with tools: per choice
         offset: dict[int, int] = {}  # completions: text_offset of the choice's next token
         done: dict = {}
+        first_ids: set = set()  # completions with return_token_ids: choices whose prompt ids went out
         echo_lp = job.echo and job.params.logprobs is not None  # the prompt goes out with its logprobs
         try:
             if job.kind == "chat":  # the role comes first, as OpenAI sends it
                 for tag in range(len(job.prompts)):
                     for j in range(job.params.n):
-                        yield data(chunk("chat", job.model, rid, self._index(tag, j), "", None, first=True))
+                        c = chunk("chat", job.model, rid, self._index(tag, j), "", None, first=True)
+                        if job.token_ids:  # as vLLM: the prompt's ids in the first chunk
+                            c["prompt_token_ids"] = job.prompts[tag][1]
+                        yield data(c)
             elif job.echo and not echo_lp:
                 for tag in range(len(job.prompts)):
                     for j in range(job.params.n):
@@ -193,7 +215,7 @@ class Run:
                         for j in range(job.params.n):
                             yield data(self._echo_chunk(rid, ev[1], j, ev[2], offset))
                     continue
-                tag, (index, text, finish, lps) = ev[1], ev[2]
+                tag, (index, text, finish, lps, ids) = ev[1], ev[2]
                 i = self._index(tag, index)
                 if job.echo_only:  # the one token generated for the prompt's logprobs is not returned
                     if finish is not None:
@@ -211,7 +233,13 @@ class Run:
                 if lps:
                     lp = logprobs_of(job.kind, lps, tok, offset.get(i, 0))
                 offset[i] = offset.get(i, 0) + len(text)
-                yield data(chunk(job.kind, job.model, rid, i, text, finish, logprobs=lp))
+                c = chunk(job.kind, job.model, rid, i, text, finish, logprobs=lp)
+                if job.token_ids:
+                    if job.kind == "completion" and i not in first_ids:
+                        first_ids.add(i)  # as vLLM: a choice's first chunk has its prompt's ids
+                        c["choices"][0]["prompt_token_ids"] = job.prompts[tag][1]
+                    c["choices"][0]["token_ids"] = ids
+                yield data(c)
             self._finished(done)
             if job.include_usage:
                 generated = 0 if job.echo_only else sum(len(o.token_ids) for f in done.values() for o in f.outs)

@@ -96,6 +96,9 @@ class _Sampling(BaseModel):
     include_stop_str_in_output: Optional[StrictBool] = False
     skip_special_tokens: Optional[StrictBool] = True
     structured_outputs: Optional[StructuredOutputs] = None
+    return_token_ids: Optional[StrictBool] = Field(
+        default=False, description="vLLM's: the prompt's and the generated token ids in the answer (streamed: "
+                                   "the prompt's in the first chunk, each chunk's own ids with it)")
     keep_alive: Optional[Union[Number, StrictStr]] = Field(
         default=None, description="Ollama's: how long the model stays loaded after this request "
                                   "(seconds, or '5m', '1h'; 0 unloads it right after; -1 forever)")

@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 # messages put on a request's queue, in order:
 #   ("started", None)                     the engine took the request
 #   ("prompt", prompt_logprobs)           with SamplingParams(prompt_logprobs=k), before the first delta
-#   ("delta", (index, text, finish, lps)) new text for completion ``index`` (finish: None or a reason;
-#                                         lps: logprob entries of the tokens since the last delta, or None)
+#   ("delta", (index, text, finish, lps, ids)) new text for completion ``index`` (finish: None or a reason;
+#                                         lps: logprob entries of the tokens since the last delta, or None;
+#                                         ids: the token ids generated since the last delta)
 #   ("done", Finished)                    every completion finished
 #   ("error", Exception)                  the request failed (before "started": RequestError)
 # ``out`` is anything with ``put(message)``: a queue.Queue, or the server's sink into an asyncio queue
@@ -35,6 +36,7 @@ class _Live:
     out: "queue.Queue"
     seqs: list = field(default_factory=list)
     sent_logprobs: dict = field(default_factory=dict)  # completion index -> logprob entries already sent
+    sent_ids: dict = field(default_factory=dict)  # completion index -> token ids already sent
     prompt_sent: bool = False
 
     def new_logprobs(self, out) -> "list | None":
@@ -43,6 +45,11 @@ class _Live:
         start = self.sent_logprobs.get(out.index, 0)
         self.sent_logprobs[out.index] = len(out.logprobs)
         return out.logprobs[start:]
+
+    def new_ids(self, out) -> list:
+        start = self.sent_ids.get(out.index, 0)
+        self.sent_ids[out.index] = len(out.token_ids)
+        return list(out.token_ids[start:])
 
 
 class EngineWorker:
@@ -149,7 +156,8 @@ class EngineWorker:
                         live.prompt_sent = True
                         live.out.put(("prompt", sink.entries))
                     out = ev.seq.out
-                    live.out.put(("delta", (out.index, ev.delta, out.finish_reason, live.new_logprobs(out))))
+                    live.out.put(("delta", (out.index, ev.delta, out.finish_reason, live.new_logprobs(out),
+                                             live.new_ids(out))))
             for rid, live in list(self._live.items()):
                 if all(s.finished for s in live.seqs):
                     del self._live[rid]

@@ -98,6 +98,14 @@ class PageCache:
             return end - offset
         return max(0, start + int(missing[0]) * page - offset)
 
+    def resident(self) -> int:
+        """Bytes of the whole file the page cache holds, counted in whole pages (0 where unknown)."""
+        page = mmap.PAGESIZE
+        vec = np.empty(-(-self.size // page), dtype=np.uint8)
+        if _mincore is None or _mincore(self._addr, self.size, vec.ctypes.data) != 0:
+            return 0
+        return min(self.size, int(np.count_nonzero(vec & 1)) * page)
+
     def close(self) -> None:
         self._map.close()
 
