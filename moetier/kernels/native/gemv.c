@@ -53,7 +53,7 @@ enum { SK_F32 = 0, SK_BF16 = 1, SK_F16 = 2 };
 #define PREFETCH(p) ((void)0)
 #endif
 /* The bf16 kernel reads 64 bytes per dot product, and measured faster with the hardware prefetchers alone
- * (about 1.2x at two threads on a Zen 4 VM); the int kernels, with more work per byte, gain from prefetching. */
+ * (about 1.2-1.3x at two threads on a Zen 4 VM); the int kernels, with more work per byte, gain from prefetching. */
 #ifndef PF_BF16
 #define PF_BF16 0
 #endif
@@ -132,7 +132,7 @@ static inline float x_at(const void *x, int x_kind, int64_t i) {
 /* ------------------------------------------------------------------ activations, int8 per 32 */
 
 /* Quantize row `x` [K] (bf16 or f32) per block of 32: q = round(x / d), d = max|x| / 127. */
-__attribute__((unused)) static void quantize_row_ref(const void *x, int x_kind, int64_t K, int8_t *q, float *d, int32_t *sum) {
+static void quantize_row_ref(const void *x, int x_kind, int64_t K, int8_t *q, float *d, int32_t *sum) {
     for (int64_t b = 0; b < K / 32; b++) {
         float v[32], amax = 0.f;
         for (int j = 0; j < 32; j++) {
@@ -163,7 +163,7 @@ static inline int64_t int4_pos(int64_t nb, int64_t b, int i) {
 }
 
 /* int8 kernel: x [K] quantized per lane group (the header): q [K] in input order, d8 / c8 [16 per 512-span]. */
-__attribute__((unused)) static void quantize_row_lanes_ref(const void *x, int x_kind, int64_t K, int8_t *q, float *d8, int32_t *c8) {
+static void quantize_row_lanes_ref(const void *x, int x_kind, int64_t K, int8_t *q, float *d8, int32_t *c8) {
     for (int64_t s = 0; s * 512 < K; s++)
         for (int l = 0; l < 16; l++) {
             float amax = 0.f;
@@ -187,10 +187,12 @@ __attribute__((unused)) static void quantize_row_lanes_ref(const void *x, int x_
 }
 
 #ifdef MT_AVX512
+static inline __m512 bf16x16(const uint16_t *p) {  /* 16 bf16 values as float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
 static inline __m512 load_x16(const void *x, int x_kind, int64_t i) {
-    if (x_kind == OUT_BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16));
-    return _mm512_loadu_ps((const float *)x + i);
+    return x_kind == OUT_BF16 ? bf16x16((const uint16_t *)x + i) : _mm512_loadu_ps((const float *)x + i);
 }
 
 /* Each element of v replaced by the max / sum of its aligned group of 4 (one lane group's inputs of one load). */
@@ -204,11 +206,15 @@ static inline __m512i sum4(__m512i v) {
 }
 #endif
 
-/* quantize_row_lanes_ref vectorized, the same arithmetic (max, d = max / 127, codes round(x * (1 / d)) to
+/* quantize_row_lanes_ref vectorized (unless `vectorized` is 0: the plain-C twin), the same arithmetic (max, d = max / 127, codes round(x * (1 / d)) to
  * nearest even, clamped): the same codes and scales. Float vector j of a 64-input load holds lane groups
  * 4j..4j+3, four inputs each. K % 32 == 0, so a span's loads are whole vectors. */
-static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, float *d8, int32_t *c8) {
+static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, float *d8, int32_t *c8, int vectorized) {
 #ifdef MT_AVX512
+    if (!vectorized) {
+        quantize_row_lanes_ref(x, x_kind, K, q, d8, c8);
+        return;
+    }
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int64_t k0 = 0; k0 < K; k0 += 512) {
@@ -241,13 +247,18 @@ static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, 
         }
     }
 #else
+    (void)vectorized;
     quantize_row_lanes_ref(x, x_kind, K, q, d8, c8);
 #endif
 }
 
-/* quantize_row_ref vectorized, the same arithmetic: the same codes, scales and sums. */
-static void quantize_row(const void *x, int x_kind, int64_t K, int8_t *q, float *d, int32_t *sum) {
+/* quantize_row_ref vectorized (unless `vectorized` is 0), the same arithmetic: the same codes, scales and sums. */
+static void quantize_row(const void *x, int x_kind, int64_t K, int8_t *q, float *d, int32_t *sum, int vectorized) {
 #ifdef MT_AVX512
+    if (!vectorized) {
+        quantize_row_ref(x, x_kind, K, q, d, sum);
+        return;
+    }
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int64_t b = 0; b < K / 32; b++) {
@@ -263,6 +274,7 @@ static void quantize_row(const void *x, int x_kind, int64_t K, int8_t *q, float 
         sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
     }
 #else
+    (void)vectorized;
     quantize_row_ref(x, x_kind, K, q, d, sum);
 #endif
 }
@@ -292,7 +304,7 @@ static void qrow_free(qrow *r) {
 }
 
 /* kind: 8 or 4 (which grouping and reordered forms to build). 0 on success. */
-static int qrow_make(qrow *r, const void *x, int x_kind, int64_t K, int kind) {
+static int qrow_make(qrow *r, const void *x, int x_kind, int64_t K, int kind, int vectorized) {
     memset(r, 0, sizeof(*r));
     r->K = K;
     r->nb = K / 32;
@@ -305,7 +317,7 @@ static int qrow_make(qrow *r, const void *x, int x_kind, int64_t K, int kind) {
         r->absq = xalloc((size_t)nsc * 512);
         r->neg = xalloc((size_t)nsc * 8 * 8);
         if (!r->d8 || !r->c8 || !r->absq || !r->neg) return -1;
-        quantize_row_lanes(x, x_kind, K, r->q, r->d8, r->c8);
+        quantize_row_lanes(x, x_kind, K, r->q, r->d8, r->c8, vectorized);
         for (int64_t i = 0; i < K; i++) {
             int8_t c = r->q[i];
             r->absq[i] = (uint8_t)(c < 0 ? -c : c);
@@ -319,7 +331,7 @@ static int qrow_make(qrow *r, const void *x, int x_kind, int64_t K, int kind) {
     r->q4b = xalloc((size_t)K / 2 + 64);
     r->xs = xalloc((size_t)(r->nb + 16) * 4);
     if (!r->d || !r->sum || !r->q4a || !r->q4b || !r->xs) return -1;
-    quantize_row(x, x_kind, K, r->q, r->d, r->sum);
+    quantize_row(x, x_kind, K, r->q, r->d, r->sum, vectorized);
     for (int64_t b = 0; b < r->nb; b++) {
         for (int i = 0; i < 16; i++) {
             int64_t at = int4_pos(r->nb, b, i);
@@ -337,10 +349,6 @@ static inline __m512 load_scales16(const void *s, int kind, int64_t i, __mmask16
     __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)s + i);
     if (kind == SK_F16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline __m512 bf16x16(const uint16_t *p) {  /* 16 bf16 values as float32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
 static inline void store_out16(void *y, int out_kind, int64_t i, __m512 v) {
@@ -605,7 +613,7 @@ static void xprep_free(xprep *p) {
     memset(p, 0, sizeof(*p));
 }
 
-static int xprep_make(xprep *p, const wdesc *w, const void *x, int x_kind) {
+static int xprep_make(xprep *p, const wdesc *w, const void *x, int x_kind, int vectorized) {
     memset(p, 0, sizeof(*p));
     int64_t K = w->K;
     if (w->kind == W_BF16) {
@@ -618,7 +626,7 @@ static int xprep_make(xprep *p, const wdesc *w, const void *x, int x_kind) {
         }
         return 0;
     }
-    return qrow_make(&p->q, x, x_kind, K, w->kind == W_INT8 ? 8 : 4);
+    return qrow_make(&p->q, x, x_kind, K, w->kind == W_INT8 ? 8 : 4, vectorized);
 }
 
 static int wdesc_ok(const wdesc *w) {
@@ -747,7 +755,7 @@ int mt_gemv(int kind, const void *codes, const void *scales, int sk, int64_t G, 
     float *acc = xalloc((size_t)(M * N) * 4);
     int bad = !p || !acc;
     for (int64_t m = 0; m < M && !bad; m++)
-        bad |= xprep_make(&p[m], &w, (const char *)x + m * K * (x_kind == OUT_BF16 ? 2 : 4), x_kind);
+        bad |= xprep_make(&p[m], &w, (const char *)x + m * K * (x_kind == OUT_BF16 ? 2 : 4), x_kind, vectorized);
     if (!bad) {
         int64_t next = 0;
 #pragma omp parallel num_threads(threads_for(threads, N, K))
@@ -795,7 +803,7 @@ int mt_moe1(const expert *ex, const float *weights, int k, const void *x, int x_
         /* the input is prepared once for every expert of the same kind and grouping */
         if (j == 0 || ex[j].gate_up.kind != ex[j - 1].gate_up.kind || ex[j].gate_up.G != ex[j - 1].gate_up.G) {
             xprep_free(&px);
-            if (xprep_make(&px, &ex[j].gate_up, x, x_kind)) { bad = 1; break; }
+            if (xprep_make(&px, &ex[j].gate_up, x, x_kind, vectorized)) { bad = 1; break; }
         }
         dot_all(&ex[j].gate_up, &px, h, nt, vectorized);
         for (int64_t i = 0; i < I; i++) {
@@ -809,7 +817,7 @@ int mt_moe1(const expert *ex, const float *weights, int k, const void *x, int x_
             }
         }
         xprep_free(&pa);
-        if (xprep_make(&pa, &ex[j].down, a, OUT_F32)) { bad = 1; break; }
+        if (xprep_make(&pa, &ex[j].down, a, OUT_F32, vectorized)) { bad = 1; break; }
         dot_all(&ex[j].down, &pa, y, nt, vectorized);
         for (int64_t i = 0; i < H; i++) {
             float v = round ? bf16_f32(f32_bf16(y[i])) : y[i];
@@ -889,7 +897,7 @@ int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, co
         /* the normed input is prepared again only when the weight kind or grouping changes */
         if (i == 0 || proj[i]->kind != proj[i - 1]->kind || proj[i]->G != proj[i - 1]->G) {
             xprep_free(&p);
-            bad = xprep_make(&p, proj[i], xn, OUT_F32);
+            bad = xprep_make(&p, proj[i], xn, OUT_F32, 1);
         }
         if (!bad) project(proj[i], &p, bias[i], outs[i], threads);
     }
@@ -942,7 +950,7 @@ int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, co
             for (int64_t i = 0; i < d; i++) out[i] = rb(out[i]);
         }
         xprep_free(&p);
-        bad = xprep_make(&p, &a->o, att, OUT_F32);
+        bad = xprep_make(&p, &a->o, att, OUT_F32, 1);
     }
     if (!bad) {
         project(&a->o, &p, a->o_bias, o, threads);
@@ -969,7 +977,7 @@ int mt_route1(const uint16_t *x, int64_t H, const uint16_t *norm, float eps, con
         for (int64_t i = 0; i < H; i++) xn[i] = bf16_f32(x[i]);
         rms_norm_bf16(xn, H, norm, eps);
         for (int64_t i = 0; i < H; i++) xn_out[i] = f32_bf16(xn[i]);
-        bad = xprep_make(&p, router, xn, OUT_F32);
+        bad = xprep_make(&p, router, xn, OUT_F32, 1);
     }
     if (!bad) {
         project(router, &p, NULL, lg, threads);
