@@ -29,6 +29,7 @@ NEVER = 1 << 62
 ROWS_ENV = "MOETIER_QUANT_ROWS"  # a fixed threshold instead of the probe; 0: never the int kernels
 NATIVE_ROWS_ENV = "MOETIER_NATIVE_ROWS"  # the same for moetier's own kernels (kernels/native); 0: never
 PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PROBE_REPEAT = 16  # native_rows' weight: 1536 rows repeated 16 times (48 MiB bf16, 24 MiB int8)
 
 
 def has_native(w) -> bool:
@@ -59,9 +60,10 @@ def native_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch
 @functools.lru_cache(maxsize=None)
 def native_rows(kind: str, threads: int) -> int:
     """Rows from which torch's kernels beat moetier's own for a ``kind`` (``"bf16"``, ``"int8"``, ``"int4"``) weight
-    here with ``threads`` threads (0 where the native kernel does not run): timed on a [1536, 1024] weight at
-    2, 4, 8, ... rows (one row always runs native), best of 5 each. ``MOETIER_NATIVE_ROWS`` fixes the value
-    (0: never the native kernels)."""
+    here with ``threads`` threads (0 where the native kernel does not run): timed at 2, 4, 8, ... rows (one row
+    always runs native), best of 5 each, on a [1536, 1024] weight repeated down to 24576 rows for bf16 and int8,
+    so that it streams from memory as a model's weights do (a weight that stays in cache favours torch's kernels,
+    which do more work per byte). ``MOETIER_NATIVE_ROWS`` fixes the value (0: never the native kernels)."""
     rows = fixed_rows(NATIVE_ROWS_ENV, "the native kernels")
     if rows is not None:
         return max(rows, 0)
@@ -72,7 +74,7 @@ def native_rows(kind: str, threads: int) -> int:
     if kind == "bf16":
         from ..models.prepack import plain_linear
 
-        w = w.to(torch.bfloat16)
+        w = w.to(torch.bfloat16).repeat(PROBE_REPEAT, 1)
 
         def other(x):
             return plain_linear(x, w)
@@ -80,6 +82,9 @@ def native_rows(kind: str, threads: int) -> int:
         w = quantize(w, QuantScheme(kind), dtype=torch.bfloat16)
         ref = quantize(w.dequantize(), QuantScheme(kind), dtype=torch.bfloat16,
                        layout=int4_kernel_layout() if kind == "int4" else None)
+        if kind == "int8":  # per-channel: rows repeat as they are (int4's torch layout is blocked; it stays small)
+            w, ref = (QuantWeight("int8", (q.shape[0] * PROBE_REPEAT, q.shape[1]), q.group_size,
+                                  q.codes.repeat(PROBE_REPEAT, 1), q.scales.repeat(PROBE_REPEAT, 1)) for q in (w, ref))
 
         def other(x):
             if x.shape[0] < quant_rows(kind, threads) and has_kernel(ref):
