@@ -204,6 +204,16 @@ static inline __m512i sum4(__m512i v) {
     v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_CDAB));
     return _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));
 }
+
+/* 16 int8 codes round(x * id) (nearest even, as nearbyintf), clamped to -127..127, stored at q; returned as int32 */
+static inline __m512i codes16(__m512 x, __m512 id, int8_t *q) {
+    __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(x, id));
+    c = _mm512_max_epi32(_mm512_min_epi32(c, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(c));
+    return c;
+}
+
+static inline __m512 abs16(__m512 v) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff))); }
 #endif
 
 /* quantize_row_lanes_ref vectorized (unless `vectorized` is 0: the plain-C twin), the same arithmetic (max, d = max / 127, codes round(x * (1 / d)) to
@@ -215,14 +225,12 @@ static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, 
         quantize_row_lanes_ref(x, x_kind, K, q, d8, c8);
         return;
     }
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int64_t k0 = 0; k0 < K; k0 += 512) {
         int64_t n = K - k0 < 512 ? K - k0 : 512, sp = k0 / 512;
         __m512 mx[4], id[4];
         for (int j = 0; j < 4; j++) mx[j] = _mm512_setzero_ps();
         for (int64_t p = 0; p < n; p += 16)
-            mx[(p / 16) & 3] = _mm512_max_ps(mx[(p / 16) & 3], _mm512_and_ps(load_x16(x, x_kind, k0 + p), absmask));
+            mx[(p / 16) & 3] = _mm512_max_ps(mx[(p / 16) & 3], abs16(load_x16(x, x_kind, k0 + p)));
         for (int j = 0; j < 4; j++) {
             __m512 d = _mm512_div_ps(max4(mx[j]), _mm512_set1_ps(127.f));
             __mmask16 pos = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_GT_OQ);
@@ -235,10 +243,7 @@ static void quantize_row_lanes(const void *x, int x_kind, int64_t K, int8_t *q, 
         for (int j = 0; j < 4; j++) sum[j] = _mm512_setzero_si512();
         for (int64_t p = 0; p < n; p += 16) {
             int j = (p / 16) & 3;
-            __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, x_kind, k0 + p), id[j]));
-            c = _mm512_max_epi32(_mm512_min_epi32(c, hi), lo);
-            _mm_storeu_si128((__m128i *)(q + k0 + p), _mm512_cvtepi32_epi8(c));
-            sum[j] = _mm512_add_epi32(sum[j], c);
+            sum[j] = _mm512_add_epi32(sum[j], codes16(load_x16(x, x_kind, k0 + p), id[j], q + k0 + p));
         }
         for (int j = 0; j < 4; j++) {
             int32_t t[16];
@@ -259,17 +264,11 @@ static void quantize_row(const void *x, int x_kind, int64_t K, int8_t *q, float 
         quantize_row_ref(x, x_kind, K, q, d, sum);
         return;
     }
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int64_t b = 0; b < K / 32; b++) {
         __m512 v0 = load_x16(x, x_kind, b * 32), v1 = load_x16(x, x_kind, b * 32 + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, absmask), _mm512_and_ps(v1, absmask)));
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(abs16(v0), abs16(v1)));
         float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
-        __m512 iv = _mm512_set1_ps(id);
-        __m512i c0 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv)), hi), lo);
-        __m512i c1 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv)), hi), lo);
-        _mm_storeu_si128((__m128i *)(q + b * 32), _mm512_cvtepi32_epi8(c0));
-        _mm_storeu_si128((__m128i *)(q + b * 32 + 16), _mm512_cvtepi32_epi8(c1));
+        __m512i c0 = codes16(v0, _mm512_set1_ps(id), q + b * 32), c1 = codes16(v1, _mm512_set1_ps(id), q + b * 32 + 16);
         d[b] = db;
         sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
     }
@@ -575,8 +574,7 @@ static inline __attribute__((always_inline)) void dot_bf16_row(const uint16_t *w
 #endif
     for (; k + 16 <= K; k += 16) {
         PREFETCH_BF16(w + k);
-        __m256i h = _mm256_loadu_si256((const __m256i *)(w + k));
-        __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        __m512 wv = bf16x16(w + k);
         for (int r = 0; r < R; r++) acc[r][k / 16 & 1] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf[r] + k), acc[r][k / 16 & 1]);
     }
     for (int r = 0; r < R; r++) {
@@ -709,8 +707,7 @@ static inline void row_dot(const wdesc *w, int64_t n, const xprep *p, int R, con
 static void rows_dot(const wdesc *w, const xprep *p, int64_t M, int64_t n0, int64_t n1, float *y, int vectorized) {
     int4_lanes c4;
     if (w->kind == W_INT4) int4_lanes_make(&c4, w->G);
-    int64_t n = n0;
-    for (; n < n1; n++)
+    for (int64_t n = n0; n < n1; n++)
         for (int64_t m = 0; m < M; m += 4) {
             int R = M - m < 4 ? (int)(M - m) : 4;
             float o[4];
