@@ -7,6 +7,8 @@ Shapes: ``T`` tokens, ``H`` hidden, ``I`` expert intermediate, ``E`` experts, ``
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,16 +19,17 @@ from ..kernels.quant import QuantWeight
 from .prepack import linear
 
 
-def fused_ok(x: torch.Tensor, pairs: list) -> bool:
-    """Whether one token's experts can run as one native call (``kernels/native``: the same kernels, roundings
-    and sums as the per-expert path takes for one row, in one call instead of several ops per expert)."""
+def fused_ok(x: torch.Tensor, pairs: list, rows: int = 1) -> bool:
+    """Whether the experts ``pairs`` can run as one native call on ``x`` when each gets at most ``rows`` of its rows
+    (``kernels/native``: the same kernels, roundings and sums as the per-expert path takes for so few rows, in one
+    call instead of several ops per expert)."""
     if not (x.is_cpu and x.dtype in (torch.bfloat16, torch.float32) and x.is_contiguous()):
         return False
     threads = torch.get_num_threads()
     for pair in pairs:
         for w in pair:
             kind = w.kind if type(w) is QuantWeight else "bf16"
-            if not has_native(w) or native_rows(kind, threads) <= 1 or (kind == "bf16" and x.dtype != torch.bfloat16):
+            if not has_native(w) or native_rows(kind, threads) <= rows or (kind == "bf16" and x.dtype != torch.bfloat16):
                 return False
     return True
 
@@ -292,6 +295,14 @@ class ExpertsBase(nn.Module):
                 y = self.expert(e, x).float() * w
                 out = y if out is None else out + y
             return out.to(x.dtype)
+        if self.plain() and weights.dtype == torch.float32:  # decode of a batch: one native call
+            flat = ids.reshape(-1).tolist()
+            rows = Counter(flat)
+            used = sorted(rows)
+            pairs = [self.weights(e) for e in used]
+            if fused_ok(x, pairs, max(rows.values())):
+                slot = {e: i for i, e in enumerate(used)}
+                return native.moe(x, pairs, [slot[e] for e in flat], weights)
         # weigh and sum each token's k outputs in float32 (no scatter-add, no order dependence)
         return (self._slots(x, ids) * weights[..., None]).sum(dim=1).to(x.dtype)
 

@@ -108,7 +108,8 @@ def lib() -> Optional[ctypes.CDLL]:
     so.mt_features.restype = i32
     so.mt_gemv.argtypes = [i32, p, p, i32, i64, i64, i64, p, i32, i64, p, i32, i32, i32]
     so.mt_moe1.argtypes = [p, p, i32, p, i32, p, i32, i32, i32]
-    so.mt_gemv.restype = so.mt_moe1.restype = i32
+    so.mt_moe.argtypes = [p, i32, p, p, i64, i32, p, i32, p, i32, i32, i32]
+    so.mt_gemv.restype = so.mt_moe1.restype = so.mt_moe.restype = i32
     return so
 
 
@@ -189,4 +190,22 @@ def moe1(x: torch.Tensor, experts: list, weights: list[float], vectorized: bool 
     xk = IO_KINDS[x.dtype]
     if lib().mt_moe1(arr, w, k, x.data_ptr(), xk, out.data_ptr(), xk, torch.get_num_threads(), vectorized):
         raise RuntimeError(f"native expert kernel refused {k} experts on input {list(x.shape)}")
+    return out
+
+
+def moe(x: torch.Tensor, experts: list, slots: list[int], weights: torch.Tensor, vectorized: bool = True) -> torch.Tensor:
+    """The routed experts of ``x`` ``[T, H]`` with each expert run once on all of its tokens: token ``t``'s output is
+    ``sum_j weights[t, j] * down(silu(gate x_t) * up x_t)`` of expert ``experts[slots[t * k + j]]``, rounded and
+    summed as the unfused path (``models/moe.py``) does. ``experts``: ``(gate_up, down)`` pairs; ``weights``
+    ``[T, k]`` float32. Returns ``[T, H]`` in ``x``'s dtype."""
+    T, k = weights.shape
+    arr = (Expert * len(experts))(*[_expert(gu, dn) for gu, dn in experts])
+    sl = (ctypes.c_int32 * len(slots))(*slots)
+    w = weights.contiguous()
+    out = torch.empty_like(x)
+    xk = IO_KINDS[x.dtype]
+    if (len(slots) != T * k or w.dtype != torch.float32 or
+            lib().mt_moe(arr, len(experts), sl, w.data_ptr(), T, k, x.data_ptr(), xk, out.data_ptr(), xk,
+                         torch.get_num_threads(), vectorized)):
+        raise RuntimeError(f"native expert kernel refused {len(experts)} experts on input {list(x.shape)}")
     return out

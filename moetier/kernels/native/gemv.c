@@ -52,15 +52,16 @@ enum { SK_F32 = 0, SK_BF16 = 1, SK_F16 = 2 };
 #else
 #define PREFETCH(p) ((void)0)
 #endif
-/* The bf16 kernel reads 64 bytes per dot product, and measured faster with the hardware prefetchers alone
- * (about 1.2-1.3x at two threads on a Zen 4 VM); the int kernels, with more work per byte, gain from prefetching. */
-#ifndef PF_BF16
-#define PF_BF16 0
+/* The bf16 kernel reads one weight row at a time while the input rows it multiplies it by stay in L1 (up to X_L1
+ * bytes of them): one stream, 64 bytes a dot product per input row, fastest with the hardware prefetchers alone
+ * (1.2-1.3x over PF_AHEAD at two threads on a Zen 4 VM). With more input rows it reads 4 weight rows side by side
+ * (tile_bf16), which loads each input vector once for 4 dot products, and prefetches the same place PF_TILE tiles
+ * on: without that, its four short streams read at about half the rate (2-3 KiB rows). */
+#ifndef X_L1
+#define X_L1 16384
 #endif
-#if PF_BF16
-#define PREFETCH_BF16(p) PREFETCH(p)
-#else
-#define PREFETCH_BF16(p) ((void)0)
+#ifndef PF_TILE
+#define PF_TILE 1
 #endif
 enum { OUT_F32 = 0, OUT_BF16 = 1 };
 enum { F_BF16 = 1, F_INT8 = 2, F_INT4 = 4, F_BF16DOT = 8 };
@@ -550,39 +551,95 @@ static float dot_bf16_ref(const uint16_t *w, const void *x, int x_kind, int64_t 
 }
 
 #ifdef MT_AVX512
-/* One bf16 weight row against R (1..4) input rows (xb: bf16 copies, xf: float32 copies). */
-static inline __attribute__((always_inline)) void dot_bf16_row(const uint16_t *w, int64_t K, const uint16_t *const *xb,
-                                                               const float *const *xf, const int R, float *out) {
-    __m512 acc[4][2];
-    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+/* Each output sums its products in one float32 vector accumulator, 32 inputs at a time (16 without BF16 dot
+ * products, and a scalar tail), then its 16 lanes by halves: lane i + lane i + 8, then + 4, + 2, + 1. hsum16 and
+ * hsum16x16 both add in that order, so an output's value does not depend on which tile computed it, nor on the
+ * number of rows in the call (a row decoded in a batch gets the bits it gets alone). */
+static inline float hsum16(__m512 v) {
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+/* a[4 q + r] (q, r = 0..3) -> one vector whose lane 4 r + q is hsum16(a[4 q + r]): 15 adds for 16 sums. */
+static inline __m512 hsum16x16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int p = 0; p < 8; p++)  /* lane i + i + 8 */
+        b[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0xEE));
+    for (int p = 0; p < 4; p++)  /* + 4 */
+        c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * p], b[2 * p + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * p], b[2 * p + 1], 0xDD));
+    for (int p = 0; p < 2; p++)  /* + 2 */
+        d[p] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * p], c[2 * p + 1], 0x44),
+                             _mm512_shuffle_ps(c[2 * p], c[2 * p + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));  /* + 1 */
+}
+
+/* The same place of each row PF_TILE tiles on (a prefetch past the weight's end is harmless: it never faults). */
+#if PF_TILE
+#define PREFETCH_TILE(w, K, k, NW)                                                                      \
+    do {                                                                                                \
+        if ((NW) > 1)                                                                                   \
+            for (int q_ = 0; q_ < (NW); q_++)                                                           \
+                _mm_prefetch((const char *)((w) + (q_ + PF_TILE * (NW)) * (K) + (k)), _MM_HINT_T0);   \
+    } while (0)
+#else
+#define PREFETCH_TILE(w, K, k, NW) ((void)0)
+#endif
+
+/* A tile of bf16 outputs: weight rows w + q K (q < NW) against input rows r < R (NW, R <= 4; xb: bf16 copies, xf:
+ * float32 copies), y[r * ys + q] = sum_k w[q K + k] x[r][k]. Per 32 inputs it loads NW + R vectors for NW R dot
+ * products, so a few rows cost little more than one. */
+static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *w, int64_t K, const uint16_t *const *xb,
+                                                            const float *const *xf, const int NW, const int R,
+                                                            float *y, int64_t ys) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
     int64_t k = 0;
 #ifdef MT_BF16DOT
-    for (; k + 64 <= K; k += 64) {
-        PREFETCH_BF16(w + k);
-        PREFETCH_BF16(w + k + 32);
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+    for (; k + 32 <= K; k += 32) {
+        __m512bh wv[4];
+        for (int q = 0; q < NW; q++) wv[q] = (__m512bh)_mm512_loadu_si512(w + q * K + k);
+        PREFETCH_TILE(w, K, k, NW);
         for (int r = 0; r < R; r++) {
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(xb[r] + k), w0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(xb[r] + k + 32), w1);
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xb[r] + k);
+            for (int q = 0; q < NW; q++) acc[4 * q + r] = _mm512_dpbf16_ps(acc[4 * q + r], xv, wv[q]);
         }
     }
-    for (; k + 32 <= K; k += 32) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
-        for (int r = 0; r < R; r++)
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(xb[r] + k), w0);
-    }
+#else
+    (void)xb;
 #endif
     for (; k + 16 <= K; k += 16) {
-        PREFETCH_BF16(w + k);
-        __m512 wv = bf16x16(w + k);
-        for (int r = 0; r < R; r++) acc[r][k / 16 & 1] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf[r] + k), acc[r][k / 16 & 1]);
+        __m512 wv[4];
+        for (int q = 0; q < NW; q++) wv[q] = bf16x16(w + q * K + k);
+        PREFETCH_TILE(w, K, k, NW);
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_loadu_ps(xf[r] + k);
+            for (int q = 0; q < NW; q++) acc[4 * q + r] = _mm512_fmadd_ps(wv[q], xv, acc[4 * q + r]);
+        }
     }
-    for (int r = 0; r < R; r++) {
-        float t = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-        for (int64_t j = k; j < K; j++) t += bf16_f32(w[j]) * xf[r][j];
-        out[r] = t;
+    float s[16];
+    if (NW == 4 && R == 4) {
+        _mm512_storeu_ps(s, hsum16x16(acc));
+    } else {
+        for (int q = 0; q < NW; q++)
+            for (int r = 0; r < R; r++) s[4 * r + q] = hsum16(acc[4 * q + r]);
     }
+    for (int q = 0; q < NW; q++)
+        for (int r = 0; r < R; r++) {
+            float t = s[4 * r + q];
+            for (int64_t j = k; j < K; j++) t += bf16_f32(w[q * K + j]) * xf[r][j];
+            y[r * ys + q] = t;
+        }
 }
+
+/* Input rows m..m+R of p as tile_bf16 reads them. */
+typedef struct {
+    const uint16_t *xb[4];
+    const float *xf[4];
+} xrows4;
 #endif
 
 
@@ -633,25 +690,15 @@ static int wdesc_ok(const wdesc *w) {
     return w->K % 32 == 0 && w->G % 32 == 0 && w->K % w->G == 0;
 }
 
-/* Weight row n against R (1..4) prepared rows, vectorized (the caller checked the kind runs so here). */
+/* Int weight row n against R (1..4) prepared rows, vectorized (the caller checked the kind runs so here). */
 static inline __attribute__((always_inline)) void row_dot_vec(const wdesc *w, int64_t n, const xprep *p, const int R,
                                                               const int4_lanes *c4, float *o) {
 #if defined(MT_AVX512)
     int64_t K = w->K, es = w->sk == SK_F32 ? 4 : 2;
     const qrow *q[4];
-    const uint16_t *xb[4];
-    const float *xf[4];
-    for (int r = 0; r < R; r++) {
-        q[r] = &p[r].q;
-        xb[r] = p[r].xb;
-        xf[r] = p[r].xf;
-    }
+    for (int r = 0; r < R; r++) q[r] = &p[r].q;
     (void)q; (void)es;
-    if (w->kind == W_BF16) {
-#ifdef MT_AVX512
-        dot_bf16_row((const uint16_t *)w->codes + n * K, K, xb, xf, R, o);
-#endif
-    } else if (w->kind == W_INT8) {
+    if (w->kind == W_INT8) {
 #ifdef MT_VNNI
         dot_int8_row((const int8_t *)w->codes + n * K, (const char *)w->scales + n * (K / w->G) * es, w->sk, w->G, K,
                      q, R, o);
@@ -705,6 +752,37 @@ static inline void row_dot(const wdesc *w, int64_t n, const xprep *p, int R, con
 /* Outputs n0..n1 of M prepared rows into y[m * N + n] (float32): the weight rows in address order, each against
  * every input row, 4 at a time. */
 static void rows_dot(const wdesc *w, const xprep *p, int64_t M, int64_t n0, int64_t n1, float *y, int vectorized) {
+#ifdef MT_AVX512
+    if (w->kind == W_BF16 && vectorized) {  /* 4 weight rows by up to 4 input rows a tile */
+        const int64_t K = w->K, N = w->N;
+        const uint16_t *codes = (const uint16_t *)w->codes;
+        int64_t n = n0;
+#define MT_TILE(NW, R) tile_bf16(codes + n * K, K, x4.xb, x4.xf, NW, R, y + m * N + n, N)
+#define MT_TILES(NW)                                                                          \
+    for (int64_t m = 0; m < M; m += 4) {                                                      \
+        xrows4 x4;                                                                            \
+        int R = M - m < 4 ? (int)(M - m) : 4;                                                 \
+        for (int r = 0; r < R; r++) x4.xb[r] = p[m + r].xb, x4.xf[r] = p[m + r].xf;           \
+        switch (R) {                                                                          \
+            case 1: MT_TILE(NW, 1); break;                                                    \
+            case 2: MT_TILE(NW, 2); break;                                                    \
+            case 3: MT_TILE(NW, 3); break;                                                    \
+            default: MT_TILE(NW, 4); break;                                                   \
+        }                                                                                     \
+    }
+#ifdef MT_BF16DOT
+        const int64_t x_bytes = M * K * 2;  /* the bf16 copies */
+#else
+        const int64_t x_bytes = M * K * 4;  /* the float32 copies */
+#endif
+        if (x_bytes >= X_L1)
+            for (; n + 4 <= n1; n += 4) MT_TILES(4)
+        for (; n < n1; n++) MT_TILES(1)
+#undef MT_TILES
+#undef MT_TILE
+        return;
+    }
+#endif
     int4_lanes c4;
     if (w->kind == W_INT4) int4_lanes_make(&c4, w->G);
     for (int64_t n = n0; n < n1; n++)
@@ -735,11 +813,11 @@ static int threads_for(int threads, int64_t N, int64_t K) {
     return (threads > 1 && N * K >= 65536) ? threads : 1;
 }
 
-/* y[0..N) for one prepared row, the outputs split over `threads` threads */
-static void dot_all(const wdesc *w, const xprep *p, float *y, int threads, int vectorized) {
+/* y[M, N] for M prepared rows, the outputs split over `threads` threads */
+static void dot_rows(const wdesc *w, const xprep *p, int64_t M, float *y, int threads, int vectorized) {
     int64_t next = 0;
 #pragma omp parallel num_threads(threads)
-    rows_shared(w, p, 1, y, vectorized, &next);
+    rows_shared(w, p, M, y, vectorized, &next);
 }
 
 /* y[M, N] = x[M, K] @ w^T; x bf16 or f32 rows, y bf16 or f32. 0, or -1 (bad shape / out of memory:
@@ -754,9 +832,7 @@ int mt_gemv(int kind, const void *codes, const void *scales, int sk, int64_t G, 
     for (int64_t m = 0; m < M && !bad; m++)
         bad |= xprep_make(&p[m], &w, (const char *)x + m * K * (x_kind == OUT_BF16 ? 2 : 4), x_kind, vectorized);
     if (!bad) {
-        int64_t next = 0;
-#pragma omp parallel num_threads(threads_for(threads, N, K))
-        rows_shared(&w, p, M, acc, vectorized, &next);
+        dot_rows(&w, p, M, acc, threads_for(threads, N, K), vectorized);
         for (int64_t i = 0; i < M * N; i++) store_out(y, out_kind, i, acc[i]);
     }
     if (p)
@@ -773,65 +849,108 @@ typedef struct {
     wdesc down;     /* [H, I] */
 } expert;
 
+static inline float rb(float v) { return bf16_f32(f32_bf16(v)); }  /* round through bf16 */
+
 static inline float silu_bf16(float g) {
     return bf16_f32(f32_bf16(g / (1.f + expf(-g))));
 }
 
-/* out[H] = sum_j weights[j] * down_j(silu(gate_j(x)) * up_j(x)) for one token x[H], rounding where the
- * unfused bf16 path rounds (each matmul's output, silu, the product: to bf16 when out_kind is bf16),
- * summing the weighted outputs in float32. */
+static int expert_ok(const expert *e, int64_t H, int64_t I2) {
+    return wdesc_ok(&e->gate_up) && wdesc_ok(&e->down) && e->gate_up.K == H && e->gate_up.N == I2 &&
+           e->down.K == I2 / 2 && e->down.N == H;
+}
+
+/* The routed experts of T tokens x[T, H], each expert run once on all of its tokens:
+ *   out[t] = sum_j weights[t k + j] * down_e(silu(gate_e(x_t)) * up_e(x_t)),  e = ex[slot[t k + j]] (0 <= slot < U),
+ * rounding where the unfused path (models/moe.py) rounds: each matmul's output, silu and the product, to bf16 when
+ * out_kind is bf16; a token's k weighted outputs summed in float32 in slot order. An expert's tokens go to it in
+ * token order, as the unfused path hands them. 0, or -1 (bad shapes or slots, out of memory: nothing written). */
+int mt_moe(const expert *ex, int U, const int32_t *slot, const float *weights, int64_t T, int k, const void *x,
+           int x_kind, void *out, int out_kind, int threads, int vectorized) {
+    if (U <= 0 || T <= 0 || k <= 0) return -1;
+    const int64_t H = ex[0].gate_up.K, I2 = ex[0].gate_up.N, I = I2 / 2, S = T * k;
+    for (int u = 0; u < U; u++)
+        if (!expert_ok(&ex[u], H, I2)) return -1;
+    for (int64_t s = 0; s < S; s++)
+        if (slot[s] < 0 || slot[s] >= U) return -1;
+    const int64_t xs = H * (x_kind == OUT_BF16 ? 2 : 4);
+    int64_t *start = calloc((size_t)U + 1, sizeof(int64_t)), *order = malloc((size_t)S * sizeof(int64_t));
+    xprep *px = calloc((size_t)T, sizeof(xprep)), *pe = calloc((size_t)S, sizeof(xprep)),
+          *pa = calloc((size_t)S, sizeof(xprep));
+    int bad = !start || !order || !px || !pe || !pa;
+    int64_t most = 0;
+    if (!bad) {  /* token-slots grouped by expert, each group in slot order */
+        for (int64_t s = 0; s < S; s++) start[slot[s] + 1]++;
+        for (int u = 0; u < U; u++) {
+            most = start[u + 1] > most ? start[u + 1] : most;
+            start[u + 1] += start[u];
+        }
+        int64_t *fill = calloc((size_t)U, sizeof(int64_t));
+        bad = !fill;
+        for (int64_t s = 0; s < S && !bad; s++) order[start[slot[s]] + fill[slot[s]]++] = s;
+        free(fill);
+    }
+    float *h = bad ? NULL : xalloc((size_t)(most * I2) * 4), *a = bad ? NULL : xalloc((size_t)(most * I) * 4),
+          *y = bad ? NULL : xalloc((size_t)(most * H) * 4), *v = bad ? NULL : xalloc((size_t)(S * H) * 4);
+    bad |= !h || !a || !y || !v;
+    const int round = out_kind == OUT_BF16, nt = threads_for(threads, I2, H);
+    const wdesc *made = NULL;  /* the kind and grouping px is prepared for */
+    for (int u = 0; u < U && !bad; u++) {
+        const int64_t n = start[u + 1] - start[u], *rows = order + start[u];
+        if (!n) continue;
+        if (!made || ex[u].gate_up.kind != made->kind || ex[u].gate_up.G != made->G) {
+            /* each token's input is prepared once for every expert of the same kind and grouping */
+            made = &ex[u].gate_up;
+            for (int64_t t = 0; t < T && !bad; t++) {
+                xprep_free(&px[t]);
+                bad |= xprep_make(&px[t], made, (const char *)x + t * xs, x_kind, vectorized);
+            }
+            if (bad) break;
+        }
+        for (int64_t i = 0; i < n; i++) pe[i] = px[rows[i] / k];  /* shallow copies: px owns the buffers */
+        dot_rows(&ex[u].gate_up, pe, n, h, nt, vectorized);
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t c = 0; c < I; c++) {
+                const float g = h[i * I2 + c], up = h[i * I2 + I + c];
+                a[i * I + c] = round ? rb(silu_bf16(rb(g)) * rb(up)) : g / (1.f + expf(-g)) * up;
+            }
+        for (int64_t i = 0; i < n && !bad; i++) {
+            xprep_free(&pa[i]);
+            bad |= xprep_make(&pa[i], &ex[u].down, a + i * I, OUT_F32, vectorized);
+        }
+        if (bad) break;
+        dot_rows(&ex[u].down, pa, n, y, nt, vectorized);
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t c = 0; c < H; c++) v[rows[i] * H + c] = round ? rb(y[i * H + c]) : y[i * H + c];
+    }
+    if (!bad)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t c = 0; c < H; c++) {
+                float sum = v[t * k * H + c] * weights[t * k];
+                for (int j = 1; j < k; j++) sum = sum + v[(t * k + j) * H + c] * weights[t * k + j];
+                store_out(out, out_kind, t * H + c, sum);
+            }
+    for (int64_t t = 0; px && t < T; t++) xprep_free(&px[t]);
+    for (int64_t i = 0; pa && i < S; i++) xprep_free(&pa[i]);
+    free(px); free(pe); free(pa); free(start); free(order);
+    free(h); free(a); free(y); free(v);
+    return bad ? -1 : 0;
+}
+
+/* mt_moe for one token x[H] and its k experts ex[0..k) */
 int mt_moe1(const expert *ex, const float *weights, int k, const void *x, int x_kind, void *out, int out_kind,
             int threads, int vectorized) {
     if (k <= 0) return -1;
-    int64_t H = ex[0].gate_up.K, I2 = ex[0].gate_up.N, I = I2 / 2;
-    for (int j = 0; j < k; j++)
-        if (!wdesc_ok(&ex[j].gate_up) || !wdesc_ok(&ex[j].down) || ex[j].gate_up.K != H || ex[j].gate_up.N != I2 ||
-            ex[j].down.K != I || ex[j].down.N != H)
-            return -1;
-    int round = out_kind == OUT_BF16;
-    float *h = xalloc((size_t)I2 * 4), *a = xalloc((size_t)I * 4), *y = xalloc((size_t)H * 4),
-          *sum = xalloc((size_t)H * 4);
-    xprep px, pa;
-    memset(&px, 0, sizeof(px));
-    memset(&pa, 0, sizeof(pa));
-    int bad = !h || !a || !y || !sum;
-    int nt = threads_for(threads, I2, H);
-    for (int j = 0; j < k && !bad; j++) {
-        /* the input is prepared once for every expert of the same kind and grouping */
-        if (j == 0 || ex[j].gate_up.kind != ex[j - 1].gate_up.kind || ex[j].gate_up.G != ex[j - 1].gate_up.G) {
-            xprep_free(&px);
-            if (xprep_make(&px, &ex[j].gate_up, x, x_kind, vectorized)) { bad = 1; break; }
-        }
-        dot_all(&ex[j].gate_up, &px, h, nt, vectorized);
-        for (int64_t i = 0; i < I; i++) {
-            float g = h[i], u = h[I + i];
-            if (round) {
-                g = bf16_f32(f32_bf16(g));
-                u = bf16_f32(f32_bf16(u));
-                a[i] = bf16_f32(f32_bf16(silu_bf16(g) * u));
-            } else {
-                a[i] = g / (1.f + expf(-g)) * u;
-            }
-        }
-        xprep_free(&pa);
-        if (xprep_make(&pa, &ex[j].down, a, OUT_F32, vectorized)) { bad = 1; break; }
-        dot_all(&ex[j].down, &pa, y, nt, vectorized);
-        for (int64_t i = 0; i < H; i++) {
-            float v = round ? bf16_f32(f32_bf16(y[i])) : y[i];
-            sum[i] = j == 0 ? v * weights[0] : sum[i] + v * weights[j];
-        }
-    }
-    if (!bad)
-        for (int64_t i = 0; i < H; i++) store_out(out, out_kind, i, sum[i]);
-    xprep_free(&px);
-    xprep_free(&pa);
-    free(h); free(a); free(y); free(sum);
-    return bad ? -1 : 0;
+    int32_t *slot = malloc((size_t)k * sizeof(int32_t));
+    if (!slot) return -1;
+    for (int j = 0; j < k; j++) slot[j] = j;
+    int rc = mt_moe(ex, k, slot, weights, 1, k, x, x_kind, out, out_kind, threads, vectorized);
+    free(slot);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ a decode token's attention block */
 
-static inline float rb(float v) { return bf16_f32(f32_bf16(v)); }  /* round through bf16 */
 
 typedef struct {
     wdesc q, k, v, o;
@@ -852,7 +971,7 @@ static void rms_norm_bf16(float *x, int64_t n, const uint16_t *w, float eps) {
 
 /* one projection of the prepared input: y[N] rounded to bf16 (+ bias, rounded again, as linear + bias) */
 static void project(const wdesc *w, const xprep *p, const uint16_t *bias, float *y, int threads) {
-    dot_all(w, p, y, threads_for(threads, w->N, w->K), 1);
+    dot_rows(w, p, 1, y, threads_for(threads, w->N, w->K), 1);
     for (int64_t i = 0; i < w->N; i++) y[i] = bias ? rb(rb(y[i]) + bf16_f32(bias[i])) : rb(y[i]);
 }
 
