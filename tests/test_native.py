@@ -249,6 +249,38 @@ def test_one_call_a_token_equals_the_fused_layers(checkpoints, family, quant):
     assert _decode(llm, "token") == _decode(llm, "layer")
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_a_batch_in_one_call_equals_each_sequence_in_its_own(checkpoints, family, quant, monkeypatch):
+    """Decode steps of several sequences in one native call (``mt_decode``) give every sequence the bits the
+    one-token call gives it alone: the same generation with each step's rows sent one at a time instead."""
+    from moetier.models.fused import FusedToken
+    from moetier.runtime.batch import ForwardBatch
+
+    llm = LLM(str(checkpoints[family]), dtype="bfloat16", quantization=quant)
+    assert llm.model.fused_token.max_batch >= 3
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (37, 12, 25)]
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
+
+    def run():
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+    call, calls = FusedToken.__call__, []
+    monkeypatch.setattr(FusedToken, "__call__", lambda self, x, b: calls.append(x.shape[0]) or call(self, x, b))
+    together = run()
+    assert max(calls) == 3
+
+    def one_at_a_time(self, x, batch):
+        rows = [call(self, x[b : b + 1].clone(), ForwardBatch([batch.caches[b]], [batch.starts[b]], [1],
+                                                              batch.positions[b : b + 1])) for b in range(x.shape[0])]
+        return torch.cat(rows)
+
+    monkeypatch.setattr(FusedToken, "__call__", one_at_a_time)
+    assert run() == together
+    with _path(llm, "layer"):  # the per-layer path (offloaded experts take it) in several calls a layer: the same
+        assert run() == together
+
+
 def test_without_the_native_kernels_the_same_folder_still_runs(checkpoints, tmp_path):
     """MOETIER_NATIVE=0 (as on a machine with no compiler): an int4 folder in moetier's "rows" order is read by
     the dequantizing path, and greedy tokens match this process's native run on a float32 model."""

@@ -28,6 +28,13 @@ def layer_norm(args: BaseModelArgs) -> Norm:
     return lambda dim: nn.LayerNorm(dim, eps=args.rms_norm_eps)
 
 
+def fused_step(fused, x: torch.Tensor, batch: ForwardBatch) -> bool:
+    """Whether a step takes a fused decode path (``models/fused.py``): one bf16 decode token of each sequence, no
+    more of them than the path's ``max_batch``."""
+    return (fused is not None and x.dtype == torch.bfloat16 and x.shape[0] <= fused.max_batch
+            and x.shape[0] == len(batch.lengths) and all(n == 1 for n in batch.lengths))
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention, then MLP or sparse MoE."""
 
@@ -38,10 +45,10 @@ class DecoderLayer(nn.Module):
         self.self_attn = attn
         self.post_attention_layernorm = norm(args.hidden_size)
         self.mlp = mlp
-        self.fused = None  # models/fused.py: one decode token of one sequence in three native calls
+        self.fused = None  # models/fused.py: a decode token of each sequence in three native calls
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        if self.fused is not None and x.shape[0] == 1 and len(batch.lengths) == 1 and x.dtype == torch.bfloat16:
+        if fused_step(self.fused, x, batch):
             return self.fused(x, batch)
         x = x + self.self_attn(self.input_layernorm(x), batch)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -73,7 +80,7 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(args, [make_layer(i) for i in range(args.num_hidden_layers)], norm)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=lm_head_bias)
         self.embed_scale, self.logits_scale = embed_scale, logits_scale
-        self.fused_token = None  # models/fused.py: one decode token of one sequence through all layers at once
+        self.fused_token = None  # models/fused.py: a decode token of one or more sequences through all layers at once
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on final-normed rows ``[R, H]`` -> logits ``[R, vocab]`` in the model's dtype."""
@@ -97,7 +104,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T, H]
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
-        if self.fused_token is not None and x.shape[0] == 1 and len(batch.lengths) == 1 and x.dtype == torch.bfloat16:
+        if fused_step(self.fused_token, x, batch):
             x = self.fused_token(x, batch)
         else:
             for layer in self.model.layers:

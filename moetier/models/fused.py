@@ -68,7 +68,11 @@ def _signatures(so) -> None:
     so.mt_attn1.argtypes = [p, p, i64, p, p, p, p, i64, i32]
     so.mt_route1.argtypes = [p, i64, p, f32, p, i32, i32, p, p, p, i32]
     so.mt_decode1.argtypes = [p, i32, p, i64, p, p, p, p, p, i32]
-    so.mt_attn1.restype = so.mt_route1.restype = so.mt_decode1.restype = i32
+    so.mt_decode.argtypes = [p, i32, i64, p, p, p, p, p, p, p, i32]
+    so.mt_attn.argtypes = [p, i64, p, p, p, p, p, p, p, i32]
+    so.mt_route.argtypes = [p, i64, i64, p, f32, p, i32, i32, p, p, p, i32]
+    for f in (so.mt_attn1, so.mt_route1, so.mt_decode1, so.mt_decode, so.mt_attn, so.mt_route):
+        f.restype = i32
 
 
 def _weight(m: nn.Module):
@@ -112,34 +116,53 @@ class FusedLayer:
         _bf16_ptr(self.post_norm.weight)
         H, k = attn.q_proj.in_features, mlp.gate.top_k
         self.H, self.k = H, k
-        self.xn = torch.empty(1, H, dtype=torch.bfloat16)
-        self.ids = torch.empty(1, k, dtype=torch.int64)
-        self.weights = torch.empty(1, k, dtype=torch.float32)
+        self.max_batch = _max_batch(self._keep)
         self.part = torch.empty((attn.hk, 1, attn.d), dtype=torch.bfloat16, device="meta")  # a KV part's shape
 
     def __call__(self, x: torch.Tensor, batch) -> torch.Tensor:
-        so, attn, threads = native.lib(), self.attn, torch.get_num_threads()
-        cache, pos = batch.caches[0], batch.starts[0]
-        kb, vb = cache.reserve(self.index, pos + 1, (self.part, self.part))
-        cos, sin = attn.rotary._table(pos + 1, x.device)
-        row = pos * cos.shape[1] * 4
+        """One decode token of each of the batch's sequences (``x`` ``[B, H]``, row b of sequence b)."""
+        so, threads, B = native.lib(), torch.get_num_threads(), x.shape[0]
+        args = _step_args(batch, self.attn.rotary, [self.index], [self.part])
         x = x.contiguous()  # written in place: x is the previous layer's fresh output
-        if so.mt_attn1(ctypes.byref(self.desc), x.data_ptr(), pos, cos.data_ptr() + row, sin.data_ptr() + row,
-                       kb.data_ptr(), vb.data_ptr(), kb.shape[1], threads):
-            raise RuntimeError(f"fused attention refused layer {self.index} at position {pos}")
+        if so.mt_attn(ctypes.byref(self.desc), B, x.data_ptr(), *args, threads):
+            raise RuntimeError(f"fused attention refused layer {self.index} at positions {batch.starts}")
         mlp = self.mlp
-        if so.mt_route1(x.data_ptr(), self.H, self.post_norm.weight.data_ptr(), self.post_norm.eps,
-                        ctypes.byref(self.router), self.k, mlp.gate.normalize, self.xn.data_ptr(), self.ids.data_ptr(),
-                        self.weights.data_ptr(), threads):
+        xn = torch.empty(B, self.H, dtype=torch.bfloat16)
+        ids, weights = torch.empty(B, self.k, dtype=torch.int64), torch.empty(B, self.k, dtype=torch.float32)
+        if so.mt_route(x.data_ptr(), B, self.H, self.post_norm.weight.data_ptr(), self.post_norm.eps,
+                       ctypes.byref(self.router), self.k, mlp.gate.normalize, xn.data_ptr(), ids.data_ptr(),
+                       weights.data_ptr(), threads):
             raise RuntimeError(f"fused routing refused layer {self.index}")
-        xn = self.xn
-        out = mlp.experts(xn, self.ids, self.weights)
+        out = mlp.experts(xn, ids, weights)
         if mlp.shared_expert is not None:
             shared = mlp.shared_expert(xn)
             if mlp.shared_expert_gate is not None:
                 shared = torch.sigmoid(mlp.shared_expert_gate(xn)) * shared
             out = out + shared
         return x + out
+
+
+def _max_batch(weights) -> int:
+    """The most decode rows at which every one of ``weights`` still takes the native kernel."""
+    threads = torch.get_num_threads()
+    return min(native_rows(w.kind if type(w) is QuantWeight else "bf16", threads) for w in weights) - 1
+
+
+def _step_args(batch, rotary, layers: list[int], parts: list) -> tuple:
+    """``mt_attn`` / ``mt_decode``'s per-sequence arguments for a step of one decode token per sequence: positions,
+    rotary rows, and the cache buffers of ``layers`` (layer-major: entry ``i B + b`` is layer i's of sequence b),
+    each reserved one position further."""
+    B, n = len(batch.caches), len(layers)
+    kb, vb, cap = (ctypes.c_void_p * (n * B))(), (ctypes.c_void_p * (n * B))(), (ctypes.c_int64 * (n * B))()
+    for b, (cache, pos) in enumerate(zip(batch.caches, batch.starts)):
+        for i, (layer, part) in enumerate(zip(layers, parts)):
+            k, v = cache.reserve(layer, pos + 1, (part, part))
+            kb[i * B + b], vb[i * B + b], cap[i * B + b] = k.data_ptr(), v.data_ptr(), k.shape[1]
+    cos, sin = rotary._table(max(batch.starts) + 1, torch.device("cpu"))
+    row = cos.shape[1] * 4
+    cosr = (ctypes.c_void_p * B)(*[cos.data_ptr() + p * row for p in batch.starts])
+    sinr = (ctypes.c_void_p * B)(*[sin.data_ptr() + p * row for p in batch.starts])
+    return (ctypes.c_int64 * B)(*batch.starts), cosr, sinr, kb, vb, cap
 
 
 class FusedToken:
@@ -159,19 +182,19 @@ class FusedToken:
         self.descs = (LayerDesc * n)(*[
             LayerDesc(f.desc, f.post_norm.weight.data_ptr(), f.post_norm.eps, f.k, f.mlp.gate.normalize, f.router,
                       ctypes.addressof(ex)) for f, ex in zip(fused, self.experts)])
-        self.kb, self.vb, self.cap = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (ctypes.c_int64 * n)()
+        # a batch of decode tokens runs in one call while every weight still takes the native kernel at that many
+        # rows (so do the experts: each sees every row at most once)
+        self.max_batch = _max_batch([w for f in fused for w in f._keep] +
+                                    [w for ex in self.experts for pair in ex._keep for w in pair])
 
     def __call__(self, x: torch.Tensor, batch) -> torch.Tensor:
-        cache, pos = batch.caches[0], batch.starts[0]
-        for i, f in enumerate(self.layers):
-            kb, vb = cache.reserve(i, pos + 1, (f.part, f.part))
-            self.kb[i], self.vb[i], self.cap[i] = kb.data_ptr(), vb.data_ptr(), kb.shape[1]
-        cos, sin = self.rotary._table(pos + 1, x.device)
-        row = pos * cos.shape[1] * 4
+        """One decode token of each of the batch's sequences (``x`` ``[B, H]``, row b of sequence b) through every
+        layer: the per-layer path's calls in one, so its bits; and row b's bits are those it gets decoded alone."""
+        n = len(self.layers)
+        args = _step_args(batch, self.rotary, list(range(n)), [f.part for f in self.layers])
         x = x.contiguous()  # written in place: the embedding's fresh output
-        if native.lib().mt_decode1(self.descs, len(self.layers), x.data_ptr(), pos, cos.data_ptr() + row,
-                                   sin.data_ptr() + row, self.kb, self.vb, self.cap, torch.get_num_threads()):
-            raise RuntimeError(f"fused decode refused position {pos}")
+        if native.lib().mt_decode(self.descs, n, x.shape[0], x.data_ptr(), *args, torch.get_num_threads()):
+            raise RuntimeError(f"fused decode refused {x.shape[0]} tokens at positions {batch.starts}")
         return x
 
 

@@ -969,10 +969,26 @@ static void rms_norm_bf16(float *x, int64_t n, const uint16_t *w, float eps) {
     for (int64_t i = 0; i < n; i++) x[i] = rb(bf16_f32(w[i]) * rb(x[i] * r));
 }
 
-/* one projection of the prepared input: y[N] rounded to bf16 (+ bias, rounded again, as linear + bias) */
-static void project(const wdesc *w, const xprep *p, const uint16_t *bias, float *y, int threads) {
-    dot_rows(w, p, 1, y, threads_for(threads, w->N, w->K), 1);
-    for (int64_t i = 0; i < w->N; i++) y[i] = bias ? rb(rb(y[i]) + bf16_f32(bias[i])) : rb(y[i]);
+/* the projections of M prepared inputs: y[m N + n] rounded to bf16 (+ bias, rounded again, as linear + bias) */
+static void project(const wdesc *w, const xprep *p, int64_t M, const uint16_t *bias, float *y, int threads) {
+    dot_rows(w, p, M, y, threads_for(threads, w->N, w->K), 1);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < w->N; i++) {
+            float *v = y + m * w->N + i;
+            *v = bias ? rb(rb(*v) + bf16_f32(bias[i])) : rb(*v);
+        }
+}
+
+/* p[0..M) <- the rows x + m * K (float32) made ready for w's kind, kept when `made` (the weight they were made
+ * for) has the same kind and grouping. 0 or -1. */
+static int xprep_rows(xprep *p, int64_t M, const wdesc *w, const wdesc **made, const float *x) {
+    if (*made && (*made)->kind == w->kind && (*made)->G == w->G) return 0;
+    *made = w;
+    for (int64_t m = 0; m < M; m++) {
+        xprep_free(&p[m]);
+        if (xprep_make(&p[m], w, x + m * w->K, OUT_F32, 1)) return -1;
+    }
+    return 0;
 }
 
 static void rope_bf16(float *h, int64_t d, const float *cosr, const float *sinr) {
@@ -987,55 +1003,68 @@ static void rope_bf16(float *h, int64_t d, const float *cosr, const float *sinr)
     memcpy(h, t, (size_t)d * 4);
 }
 
-/* x[H] (bf16, in place) += o(attention(rope(q, k), v)) of one token at `pos` of one sequence; its k and v are
- * written to kbuf/vbuf ([hk, cap, d] bf16) at pos, and it attends to positions max(0, pos - window + 1)..pos. */
-int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, const float *sinr, uint16_t *kbuf,
-             uint16_t *vbuf, int64_t cap, int threads) {
-    int64_t H = a->q.K, d = a->d, hq = a->hq, hk = a->hk;
-    if (d > 512 || d % 2 || hq % hk || a->q.N != hq * d || a->k.N != hk * d || a->v.N != hk * d || a->o.K != hq * d ||
-        a->o.N != H || pos >= cap || !wdesc_ok(&a->q) || !wdesc_ok(&a->k) || !wdesc_ok(&a->v) || !wdesc_ok(&a->o))
+/* x[B, H] (bf16, in place): row b += o(attention(rope(q, k), v)) of one token at pos[b] of sequence b. Its k and v
+ * are written to kb[b]/vb[b] ([hk, cap[b], d] bf16) at pos[b]; it attends to positions max(0, pos[b] - window + 1)
+ * ..pos[b]; cosr[b]/sinr[b]: its rows of the rotary table. The projections run on all B rows at once. */
+int mt_attn(const attn_desc *a, int64_t B, uint16_t *x, const int64_t *pos, const float *const *cosr,
+            const float *const *sinr, uint16_t *const *kb, uint16_t *const *vb, const int64_t *cap, int threads) {
+    const int64_t H = a->q.K, d = a->d, hq = a->hq, hk = a->hk;
+    if (B <= 0 || d > 512 || d % 2 || hq % hk || a->q.N != hq * d || a->k.N != hk * d || a->v.N != hk * d ||
+        a->o.K != hq * d || a->o.N != H || !wdesc_ok(&a->q) || !wdesc_ok(&a->k) || !wdesc_ok(&a->v) ||
+        !wdesc_ok(&a->o))
         return -1;
-    int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0, L = pos + 1 - lo;
-    float *xn = xalloc((size_t)H * 4), *q = xalloc((size_t)hq * d * 4), *k = xalloc((size_t)hk * d * 4),
-          *v = xalloc((size_t)hk * d * 4), *att = xalloc((size_t)hq * d * 4), *o = xalloc((size_t)H * 4),
-          *sc = xalloc((size_t)hq * L * 4);
-    xprep p;
-    memset(&p, 0, sizeof(p));
-    int bad = !xn || !q || !k || !v || !att || !o || !sc;
-    if (!bad) {
-        for (int64_t i = 0; i < H; i++) xn[i] = bf16_f32(x[i]);
-        rms_norm_bf16(xn, H, a->norm, a->eps);
+    int64_t Lmax = 0, work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (pos[b] < 0 || pos[b] >= cap[b]) return -1;
+        int64_t lo = a->window > 0 && pos[b] - a->window + 1 > 0 ? pos[b] - a->window + 1 : 0;
+        Lmax = pos[b] + 1 - lo > Lmax ? pos[b] + 1 - lo : Lmax;
+        work += (pos[b] + 1 - lo) * hq * d;
     }
-    const wdesc *proj[3] = {&a->q, &a->k, &a->v};
+    float *xn = xalloc((size_t)(B * H) * 4), *q = xalloc((size_t)(B * hq * d) * 4),
+          *k = xalloc((size_t)(B * hk * d) * 4), *v = xalloc((size_t)(B * hk * d) * 4),
+          *att = xalloc((size_t)(B * hq * d) * 4), *o = xalloc((size_t)(B * H) * 4),
+          *sc = xalloc((size_t)(B * hq * Lmax) * 4);
+    xprep *p = calloc((size_t)B, sizeof(xprep));
+    int bad = !xn || !q || !k || !v || !att || !o || !sc || !p;
+    if (!bad)
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t i = 0; i < H; i++) xn[b * H + i] = bf16_f32(x[b * H + i]);
+            rms_norm_bf16(xn + b * H, H, a->norm, a->eps);
+        }
+    const wdesc *proj[3] = {&a->q, &a->k, &a->v}, *made = NULL;
     const uint16_t *bias[3] = {a->q_bias, a->k_bias, a->v_bias};
     float *outs[3] = {q, k, v};
     for (int i = 0; i < 3 && !bad; i++) {
-        /* the normed input is prepared again only when the weight kind or grouping changes */
-        if (i == 0 || proj[i]->kind != proj[i - 1]->kind || proj[i]->G != proj[i - 1]->G) {
-            xprep_free(&p);
-            bad = xprep_make(&p, proj[i], xn, OUT_F32, 1);
-        }
-        if (!bad) project(proj[i], &p, bias[i], outs[i], threads);
+        /* the normed inputs are prepared again only when the weight kind or grouping changes */
+        bad = xprep_rows(p, B, proj[i], &made, xn);
+        if (!bad) project(proj[i], p, B, bias[i], outs[i], threads);
     }
     if (!bad) {
-        for (int64_t h = 0; h < hq; h++) {
-            if (a->q_norm) rms_norm_bf16(q + h * d, d, a->q_norm, a->head_eps);
-            rope_bf16(q + h * d, d, cosr, sinr);
-        }
-        for (int64_t h = 0; h < hk; h++) {
-            if (a->k_norm) rms_norm_bf16(k + h * d, d, a->k_norm, a->head_eps);
-            rope_bf16(k + h * d, d, cosr, sinr);
-            for (int64_t i = 0; i < d; i++) {
-                kbuf[(h * cap + pos) * d + i] = f32_bf16(k[h * d + i]);
-                vbuf[(h * cap + pos) * d + i] = f32_bf16(v[h * d + i]);
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t h = 0; h < hq; h++) {
+                float *qh = q + (b * hq + h) * d;
+                if (a->q_norm) rms_norm_bf16(qh, d, a->q_norm, a->head_eps);
+                rope_bf16(qh, d, cosr[b], sinr[b]);
+            }
+            for (int64_t h = 0; h < hk; h++) {
+                float *kh = k + (b * hk + h) * d, *vh = v + (b * hk + h) * d;
+                if (a->k_norm) rms_norm_bf16(kh, d, a->k_norm, a->head_eps);
+                rope_bf16(kh, d, cosr[b], sinr[b]);
+                for (int64_t i = 0; i < d; i++) {
+                    kb[b][(h * cap[b] + pos[b]) * d + i] = f32_bf16(kh[i]);
+                    vb[b][(h * cap[b] + pos[b]) * d + i] = f32_bf16(vh[i]);
+                }
             }
         }
-        int64_t group = hq / hk;
-#pragma omp parallel for num_threads(threads > 1 && L * hq * d >= 65536 ? threads : 1) schedule(static)
-        for (int64_t h = 0; h < hq; h++) {
-            const uint16_t *kh = kbuf + ((h / group) * cap + lo) * d, *vh = vbuf + ((h / group) * cap + lo) * d;
-            const float *qh = q + h * d;
-            float *s = sc + h * L, mx = -INFINITY, tot = 0.f;
+        const int64_t group = hq / hk;
+#pragma omp parallel for num_threads(threads > 1 && work >= 65536 ? threads : 1) schedule(static)
+        for (int64_t bh = 0; bh < B * hq; bh++) {
+            const int64_t b = bh / hq, h = bh % hq;
+            const int64_t lo = a->window > 0 && pos[b] - a->window + 1 > 0 ? pos[b] - a->window + 1 : 0,
+                          L = pos[b] + 1 - lo;
+            const uint16_t *kh = kb[b] + ((h / group) * cap[b] + lo) * d, *vh = vb[b] + ((h / group) * cap[b] + lo) * d;
+            const float *qh = q + bh * d;
+            float *s = sc + bh * Lmax, mx = -INFINITY, tot = 0.f;
             for (int64_t t = 0; t < L; t++) {
                 float acc = 0.f;
                 int64_t i = 0;
@@ -1052,7 +1081,7 @@ int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, co
                 s[t] = expf(s[t] - mx);
                 tot += s[t];
             }
-            float *out = att + h * d, inv = 1.f / tot;
+            float *out = att + bh * d, inv = 1.f / tot;
             for (int64_t i = 0; i < d; i++) out[i] = 0.f;
             for (int64_t t = 0; t < L; t++) {
                 float pt = s[t] * inv;
@@ -1065,60 +1094,76 @@ int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, co
             }
             for (int64_t i = 0; i < d; i++) out[i] = rb(out[i]);
         }
-        xprep_free(&p);
-        bad = xprep_make(&p, &a->o, att, OUT_F32, 1);
+        made = NULL;
+        bad = xprep_rows(p, B, &a->o, &made, att);
     }
     if (!bad) {
-        project(&a->o, &p, a->o_bias, o, threads);
-        for (int64_t i = 0; i < H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + o[i]);
+        project(&a->o, p, B, a->o_bias, o, threads);
+        for (int64_t i = 0; i < B * H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + o[i]);
     }
-    xprep_free(&p);
+    for (int64_t b = 0; p && b < B; b++) xprep_free(&p[b]);
+    free(p);
     free(xn); free(q); free(k); free(v); free(att); free(o); free(sc);
     return bad ? -1 : 0;
 }
 
+/* mt_attn for one token x[H] at `pos` of one sequence (cache kbuf/vbuf of cap positions) */
+int mt_attn1(const attn_desc *a, uint16_t *x, int64_t pos, const float *cosr, const float *sinr, uint16_t *kbuf,
+             uint16_t *vbuf, int64_t cap, int threads) {
+    return mt_attn(a, 1, x, &pos, &cosr, &sinr, &kbuf, &vbuf, &cap, threads);
+}
+
 /* ------------------------------------------------------------------ a decode token's routing */
 
-/* xn[H] (bf16 out) = RMSNorm(x); softmax over the router's logits (bf16-rounded, as F.linear's output, then
- * float32), the top k (ties: the lower expert id) -> ids[k], weights[k] (renormalised if `normalize`). */
+/* For each of B rows x[b, H]: xn[b] (bf16 out) = RMSNorm(x[b]); softmax over the router's logits (bf16-rounded, as
+ * F.linear's output, then float32), the top k (ties: the lower expert id) -> ids[b k ..], weights[b k ..]
+ * (renormalised if `normalize`). */
+int mt_route(const uint16_t *x, int64_t B, int64_t H, const uint16_t *norm, float eps, const wdesc *router, int k,
+             int normalize, uint16_t *xn_out, int64_t *ids, float *weights, int threads) {
+    const int64_t E = router->N;
+    if (B <= 0 || router->K != H || k <= 0 || k > E || !wdesc_ok(router)) return -1;
+    float *xn = xalloc((size_t)(B * H) * 4), *lg = xalloc((size_t)(B * E + 16) * 4);
+    xprep *p = calloc((size_t)B, sizeof(xprep));
+    const wdesc *made = NULL;
+    int bad = !xn || !lg || !p;
+    if (!bad) {
+        for (int64_t i = 0; i < B * H; i++) xn[i] = bf16_f32(x[i]);
+        for (int64_t b = 0; b < B; b++) rms_norm_bf16(xn + b * H, H, norm, eps);
+        for (int64_t i = 0; i < B * H; i++) xn_out[i] = f32_bf16(xn[i]);
+        bad = xprep_rows(p, B, router, &made, xn);
+    }
+    if (!bad) {
+        project(router, p, B, NULL, lg, threads);
+        for (int64_t b = 0; b < B; b++) {
+            float *l = lg + b * E, mx = -INFINITY, tot = 0.f, sum = 0.f;
+            int64_t *id = ids + b * k;
+            for (int64_t e = 0; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+            for (int64_t e = 0; e < E; e++) { l[e] = expf(l[e] - mx); tot += l[e]; }
+            for (int64_t e = 0; e < E; e++) l[e] /= tot;
+            for (int j = 0; j < k; j++) {
+                int64_t best = -1;
+                for (int64_t e = 0; e < E; e++) {
+                    int taken = 0;
+                    for (int i = 0; i < j; i++) taken |= id[i] == e;
+                    if (!taken && (best < 0 || l[e] > l[best])) best = e;
+                }
+                id[j] = best;
+                weights[b * k + j] = l[best];
+                sum += l[best];
+            }
+            if (normalize)
+                for (int j = 0; j < k; j++) weights[b * k + j] /= sum;
+        }
+    }
+    for (int64_t i = 0; p && i < B; i++) xprep_free(&p[i]);
+    free(p); free(xn); free(lg);
+    return bad ? -1 : 0;
+}
+
+/* mt_route for one token x[H] */
 int mt_route1(const uint16_t *x, int64_t H, const uint16_t *norm, float eps, const wdesc *router, int k, int normalize,
               uint16_t *xn_out, int64_t *ids, float *weights, int threads) {
-    int64_t E = router->N;
-    if (router->K != H || k <= 0 || k > E || !wdesc_ok(router)) return -1;
-    float *xn = xalloc((size_t)H * 4), *lg = xalloc((size_t)(E + 16) * 4);
-    xprep p;
-    memset(&p, 0, sizeof(p));
-    int bad = !xn || !lg;
-    if (!bad) {
-        for (int64_t i = 0; i < H; i++) xn[i] = bf16_f32(x[i]);
-        rms_norm_bf16(xn, H, norm, eps);
-        for (int64_t i = 0; i < H; i++) xn_out[i] = f32_bf16(xn[i]);
-        bad = xprep_make(&p, router, xn, OUT_F32, 1);
-    }
-    if (!bad) {
-        project(router, &p, NULL, lg, threads);
-        float mx = -INFINITY, tot = 0.f;
-        for (int64_t e = 0; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
-        for (int64_t e = 0; e < E; e++) { lg[e] = expf(lg[e] - mx); tot += lg[e]; }
-        for (int64_t e = 0; e < E; e++) lg[e] /= tot;
-        float sum = 0.f;
-        for (int j = 0; j < k; j++) {
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; e++) {
-                int taken = 0;
-                for (int i = 0; i < j; i++) taken |= ids[i] == e;
-                if (!taken && (best < 0 || lg[e] > lg[best])) best = e;
-            }
-            ids[j] = best;
-            weights[j] = lg[best];
-            sum += lg[best];
-        }
-        if (normalize)
-            for (int j = 0; j < k; j++) weights[j] /= sum;
-    }
-    xprep_free(&p);
-    free(xn); free(lg);
-    return bad ? -1 : 0;
+    return mt_route(x, 1, H, norm, eps, router, k, normalize, xn_out, ids, weights, threads);
 }
 
 /* ------------------------------------------------------------------ a decode token through resident layers */
@@ -1132,33 +1177,41 @@ typedef struct {
     const expert *experts;      /* [E], resident */
 } layer_desc;
 
-/* x[H] (bf16, in place) through layers [0, nl) for one token at `pos` of one sequence, each layer as mt_attn1,
- * mt_route1 and mt_moe1 over its chosen experts plus the residual add (the per-layer fused path, in one call).
- * kb[l], vb[l]: layer l's cache buffers of cap[l] positions. */
-int mt_decode1(const layer_desc *L, int nl, uint16_t *x, int64_t pos, const float *cosr, const float *sinr,
-               uint16_t *const *kb, uint16_t *const *vb, const int64_t *cap, int threads) {
-    if (nl <= 0) return -1;
+/* x[B, H] (bf16, in place) through layers [0, nl) for one token of each of B sequences, row b at pos[b], each layer
+ * as mt_attn, mt_route and mt_moe over the chosen experts plus the residual add (the per-layer fused path, in one call).
+ * kb[l B + b], vb[l B + b]: layer l's cache buffers of sequence b, of cap[l B + b] positions; cosr[b], sinr[b]: its
+ * rows of the rotary table. A row gets the bits it gets decoded alone (B = 1): every kernel here computes each row
+ * by itself. */
+int mt_decode(const layer_desc *L, int nl, int64_t B, uint16_t *x, const int64_t *pos, const float *const *cosr,
+              const float *const *sinr, uint16_t *const *kb, uint16_t *const *vb, const int64_t *cap, int threads) {
+    if (nl <= 0 || B <= 0) return -1;
     int64_t H = L[0].attn.q.K;
     int kmax = 0;
     for (int l = 0; l < nl; l++) {
-        if (L[l].attn.q.K != H || L[l].top_k <= 0) return -1;
+        if (L[l].attn.q.K != H || L[l].top_k <= 0 || L[l].router.N <= 0) return -1;
         kmax = L[l].top_k > kmax ? L[l].top_k : kmax;
     }
-    uint16_t *xn = xalloc((size_t)H * 2), *out = xalloc((size_t)H * 2);
-    float *w = xalloc((size_t)kmax * 4);
-    int64_t *id = xalloc((size_t)kmax * 8);
-    expert *ex = xalloc((size_t)kmax * sizeof(expert));
-    int bad = !xn || !out || !w || !id || !ex;
+    uint16_t *xn = xalloc((size_t)(B * H) * 2), *out = xalloc((size_t)(B * H) * 2);
+    float *w = xalloc((size_t)(B * kmax) * 4);
+    int64_t *id = xalloc((size_t)(B * kmax) * 8);
+    int32_t *slot = xalloc((size_t)(B * kmax) * 4);
+    int bad = !xn || !out || !w || !id || !slot;
     for (int l = 0; l < nl && !bad; l++) {
         const layer_desc *d = &L[l];
-        bad = mt_attn1(&d->attn, x, pos, cosr, sinr, kb[l], vb[l], cap[l], threads) ||
-              mt_route1(x, H, d->post_norm, d->post_eps, &d->router, d->top_k, d->normalize, xn, id, w, threads);
+        bad = mt_attn(&d->attn, B, x, pos, cosr, sinr, kb + l * B, vb + l * B, cap + l * B, threads) ||
+              mt_route(x, B, H, d->post_norm, d->post_eps, &d->router, d->top_k, d->normalize, xn, id, w, threads);
         if (bad) break;
-        for (int j = 0; j < d->top_k; j++) ex[j] = d->experts[id[j]];
-        bad = mt_moe1(ex, w, d->top_k, xn, OUT_BF16, out, OUT_BF16, threads, 1);
+        for (int64_t i = 0; i < B * d->top_k; i++) slot[i] = (int32_t)id[i];
+        bad = mt_moe(d->experts, (int)d->router.N, slot, w, B, d->top_k, xn, OUT_BF16, out, OUT_BF16, threads, 1);
         if (!bad)
-            for (int64_t i = 0; i < H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + bf16_f32(out[i]));
+            for (int64_t i = 0; i < B * H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + bf16_f32(out[i]));
     }
-    free(xn); free(out); free(w); free(id); free(ex);
+    free(xn); free(out); free(w); free(id); free(slot);
     return bad ? -1 : 0;
+}
+
+/* mt_decode for one token x[H] at `pos` (cosr, sinr: its rotary rows; kb[l], vb[l]: layer l's cache of cap[l]) */
+int mt_decode1(const layer_desc *L, int nl, uint16_t *x, int64_t pos, const float *cosr, const float *sinr,
+               uint16_t *const *kb, uint16_t *const *vb, const int64_t *cap, int threads) {
+    return mt_decode(L, nl, 1, x, &pos, &cosr, &sinr, kb, vb, cap, threads);
 }
