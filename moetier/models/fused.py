@@ -1,26 +1,29 @@
-"""One decode token through a decoder layer in three native calls (``kernels/native``) instead of ~40 ops.
+"""Decode tokens through a decoder layer in three native calls (``kernels/native``) instead of ~40 ops.
 
 At batch 1 a layer's weights are read in a few milliseconds at most (int4: well under one), while
 the unfused layer costs some 40 torch ops of a few microseconds each: norm, three projections,
 rotary, the KV write, attention, output projection, norm, router, softmax, top-k, experts, sums.
 :class:`FusedLayer` runs the same math as three calls into ``gemv.c``:
 
-* ``mt_attn1``: RMSNorm, q/k/v projections (+ bias, + per-head q/k norm), rotary, the KV write into
+* ``mt_attn``: RMSNorm, q/k/v projections (+ bias, + per-head q/k norm), rotary, the KV write into
   the sequence's cache buffers, attention over the cache (sliding window too), output projection and
   the residual add;
-* ``mt_route1``: RMSNorm and the softmax top-k router;
-* the routed experts through :meth:`ExpertsBase.forward` (resident: one ``mt_moe1`` call; offloaded:
+* ``mt_route``: RMSNorm and the softmax top-k router;
+* the routed experts through :meth:`ExpertsBase.forward` (resident: one ``mt_moe`` call; offloaded:
   the store fetches the chosen experts first, as for any step), then the shared expert if any.
 
 Every intermediate is rounded to bf16 where the unfused bf16 path rounds, and the projections use
 the same few-row kernels the unfused path uses at one row, so the two agree to within the
-summation order of norms and attention. A layer takes this path only for one token of one sequence
-in bf16, with weights the native kernels read (plain bf16, int8, int4 ``rows``), families whose
+summation order of norms and attention. A step takes this path when it is one bf16 decode token of
+each sequence, no more of them than the rows at which every weight still takes the native kernels
+(``max_batch``); the projections and the experts then run on all the rows at once and attention on
+each sequence's own cache, and every kernel computes each row by itself, so a row gets the bits it
+gets alone. The weights must be ones the native kernels read (plain bf16, int8, int4 ``rows``), families whose
 attention is plain GQA (optionally with q/k/v bias and per-head q/k norm) and whose MoE router is a
 softmax top-k; anything else keeps the unfused path. ``MOETIER_FUSED=0`` turns it off.
 
 When every layer has this path, its experts are resident and there is no shared expert,
-:class:`FusedToken` runs the three calls of every layer in one (``mt_decode1``), with no return to
+:class:`FusedToken` runs the three calls of every layer in one (``mt_decode``), with no return to
 Python in between: the same calls on the same buffers, so the same numbers bit for bit.
 """
 
