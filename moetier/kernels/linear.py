@@ -46,6 +46,11 @@ def has_native(w) -> bool:
             and w.is_contiguous() and "bf16" in native.kinds())
 
 
+def native_kind(w) -> str:
+    """The kind :func:`native_rows` is asked for about weight ``w`` (a QuantWeight's kind, else ``"bf16"``)."""
+    return w.kind if type(w) is QuantWeight else "bf16"
+
+
 def native_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear`` through the native kernel (:func:`has_native` must hold) -> ``x``'s dtype."""
     K = w.shape[-1]

@@ -32,7 +32,7 @@ def fused_step(fused, x: torch.Tensor, batch: ForwardBatch) -> bool:
     """Whether a step takes a fused decode path (``models/fused.py``): one bf16 decode token of each sequence, no
     more of them than the path's ``max_batch``."""
     return (fused is not None and x.dtype == torch.bfloat16 and x.shape[0] <= fused.max_batch
-            and x.shape[0] == len(batch.lengths) and all(n == 1 for n in batch.lengths))
+            and all(n == 1 for n in batch.lengths))
 
 
 class DecoderLayer(nn.Module):

@@ -37,8 +37,7 @@ import torch
 from torch import nn
 
 from ..kernels import native
-from ..kernels.linear import has_native, native_rows
-from ..kernels.quant import QuantWeight
+from ..kernels.linear import has_native, native_kind, native_rows
 from .decoder import DecoderLayer
 from .layers import Attention, RMSNorm
 from .moe import Experts, SoftmaxTopKRouter, SparseMoeBlock, fused_ok
@@ -83,8 +82,7 @@ def _weight(m: nn.Module):
     w = m.qweight if hasattr(m, "qweight") else (m.weight if type(m) in (nn.Linear, DispatchedLinear) else None)
     if w is None or not has_native(w):
         return None
-    kind = w.kind if type(w) is QuantWeight else "bf16"
-    return w if native_rows(kind, torch.get_num_threads()) > 1 else None
+    return w if native_rows(native_kind(w), torch.get_num_threads()) > 1 else None
 
 
 def _bf16_ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -148,7 +146,7 @@ class FusedLayer:
 def _max_batch(weights) -> int:
     """The most decode rows at which every one of ``weights`` still takes the native kernel."""
     threads = torch.get_num_threads()
-    return min(native_rows(w.kind if type(w) is QuantWeight else "bf16", threads) for w in weights) - 1
+    return min(native_rows(native_kind(w), threads) for w in weights) - 1
 
 
 def _step_args(batch, rotary, layers: list[int], parts: list) -> tuple:
@@ -169,7 +167,7 @@ def _step_args(batch, rotary, layers: list[int], parts: list) -> tuple:
 
 
 class FusedToken:
-    """A decode token of one sequence through every layer in one native call (``mt_decode1``).
+    """A decode token of each sequence of a step through every layer in one native call (``mt_decode``).
 
     Taken when every layer has a :class:`FusedLayer`, every layer's experts are resident and read by the
     native kernels, no layer has a shared expert, and all layers share one rotary table: the per-layer

@@ -7,15 +7,12 @@ Shapes: ``T`` tokens, ``H`` hidden, ``I`` expert intermediate, ``E`` experts, ``
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import native
-from ..kernels.linear import has_native, native_rows
-from ..kernels.quant import QuantWeight
+from ..kernels.linear import has_native, native_kind, native_rows
 from .prepack import linear
 
 
@@ -28,7 +25,7 @@ def fused_ok(x: torch.Tensor, pairs: list, rows: int = 1) -> bool:
     threads = torch.get_num_threads()
     for pair in pairs:
         for w in pair:
-            kind = w.kind if type(w) is QuantWeight else "bf16"
+            kind = native_kind(w)
             if not has_native(w) or native_rows(kind, threads) <= rows or (kind == "bf16" and x.dtype != torch.bfloat16):
                 return False
     return True
@@ -296,13 +293,12 @@ class ExpertsBase(nn.Module):
                 out = y if out is None else out + y
             return out.to(x.dtype)
         if self.plain() and weights.dtype == torch.float32:  # decode of a batch: one native call
-            flat = ids.reshape(-1).tolist()
-            rows = Counter(flat)
-            used = sorted(rows)
+            rows = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()
+            used = [e for e, n in enumerate(rows) if n]
             pairs = [self.weights(e) for e in used]
-            if fused_ok(x, pairs, max(rows.values())):
+            if fused_ok(x, pairs, max(rows)):
                 slot = {e: i for i, e in enumerate(used)}
-                return native.moe(x, pairs, [slot[e] for e in flat], weights)
+                return native.moe(x, pairs, [slot[e] for e in ids.reshape(-1).tolist()], weights)
         # weigh and sum each token's k outputs in float32 (no scatter-add, no order dependence)
         return (self._slots(x, ids) * weights[..., None]).sum(dim=1).to(x.dtype)
 

@@ -875,9 +875,8 @@ int mt_moe(const expert *ex, int U, const int32_t *slot, const float *weights, i
         if (slot[s] < 0 || slot[s] >= U) return -1;
     const int64_t xs = H * (x_kind == OUT_BF16 ? 2 : 4);
     int64_t *start = calloc((size_t)U + 1, sizeof(int64_t)), *order = malloc((size_t)S * sizeof(int64_t));
-    xprep *px = calloc((size_t)T, sizeof(xprep)), *pe = calloc((size_t)S, sizeof(xprep)),
-          *pa = calloc((size_t)S, sizeof(xprep));
-    int bad = !start || !order || !px || !pe || !pa;
+    xprep *px = calloc((size_t)T, sizeof(xprep)), *pe = NULL, *pa = NULL;
+    int bad = !start || !order || !px;
     int64_t most = 0;
     if (!bad) {  /* token-slots grouped by expert, each group in slot order */
         for (int64_t s = 0; s < S; s++) start[slot[s] + 1]++;
@@ -890,9 +889,13 @@ int mt_moe(const expert *ex, int U, const int32_t *slot, const float *weights, i
         for (int64_t s = 0; s < S && !bad; s++) order[start[slot[s]] + fill[slot[s]]++] = s;
         free(fill);
     }
-    float *h = bad ? NULL : xalloc((size_t)(most * I2) * 4), *a = bad ? NULL : xalloc((size_t)(most * I) * 4),
-          *y = bad ? NULL : xalloc((size_t)(most * H) * 4), *v = bad ? NULL : xalloc((size_t)(S * H) * 4);
-    bad |= !h || !a || !y || !v;
+    float *h = NULL, *a = NULL, *y = NULL, *v = NULL;
+    if (!bad) {  /* an expert's rows at a time: at most `most` of them */
+        pe = calloc((size_t)most, sizeof(xprep)), pa = calloc((size_t)most, sizeof(xprep));
+        h = xalloc((size_t)(most * I2) * 4), a = xalloc((size_t)(most * I) * 4), y = xalloc((size_t)(most * H) * 4);
+        v = xalloc((size_t)(S * H) * 4);
+        bad = !pe || !pa || !h || !a || !y || !v;
+    }
     const int round = out_kind == OUT_BF16, nt = threads_for(threads, I2, H);
     const wdesc *made = NULL;  /* the kind and grouping px is prepared for */
     for (int u = 0; u < U && !bad; u++) {
@@ -931,7 +934,7 @@ int mt_moe(const expert *ex, int U, const int32_t *slot, const float *weights, i
                 store_out(out, out_kind, t * H + c, sum);
             }
     for (int64_t t = 0; px && t < T; t++) xprep_free(&px[t]);
-    for (int64_t i = 0; pa && i < S; i++) xprep_free(&pa[i]);
+    for (int64_t i = 0; pa && i < most; i++) xprep_free(&pa[i]);
     free(px); free(pe); free(pa); free(start); free(order);
     free(h); free(a); free(y); free(v);
     return bad ? -1 : 0;
