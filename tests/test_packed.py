@@ -432,3 +432,16 @@ def test_cli_help_explains(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--verify" in text and "--dtype" in text and "--max-file-size" in text and "4 KiB" in text
+
+
+def test_large_buffers_start_on_a_huge_page_and_small_ones_on_a_page():
+    """Weight buffers of a huge page or more start on a huge-page boundary (so THP can back them whole);
+    smaller ones stay page-aligned, rounded up to whole pages; each buffer is its own memory."""
+    from moetier.weights.direct_io import ALIGN, HUGE_PAGE
+
+    big, small = aligned_buffer(HUGE_PAGE + 5), aligned_buffer(100)
+    assert big.data_ptr() % HUGE_PAGE == 0 and big.numel() == HUGE_PAGE + ALIGN
+    assert small.data_ptr() % ALIGN == 0 and small.numel() == ALIGN
+    big.fill_(7)
+    small.fill_(1)
+    assert int(big.sum()) == 7 * big.numel() and int(small.sum()) == small.numel()

@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 ALIGN = 4096  # region alignment in the files, and the O_DIRECT alignment of offsets, lengths and buffers
 
 
+def _huge_page() -> int:
+    try:  # 2 MiB on x86-64; other page sizes elsewhere
+        return int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE_PAGE = _huge_page()
+
+
 def round_up(n: int, align: int = ALIGN) -> int:
     return -(-n // align) * align
 
@@ -45,15 +55,29 @@ def empty_aligned(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
 def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
     """A uint8 host tensor of ``nbytes`` whose address is a multiple of ALIGN (O_DIRECT needs it).
 
-    Unpinned buffers are anonymous mmaps (page aligned; the tensor keeps the mapping alive);
-    pinned ones are over-allocated by ALIGN and sliced to an aligned start.
+    Unpinned buffers are private anonymous mmaps (page aligned; the tensor keeps the mapping
+    alive); pinned ones are over-allocated by ALIGN and sliced to an aligned start. A buffer of a
+    huge page or more asks for transparent huge pages (``MADV_HUGEPAGE``, before anything touches
+    it), where the kernel has them: the kernels read weights as long streams, and on 4 KiB pages
+    every page is a TLB miss and a stop for the hardware prefetchers (decode reads weights ~8 %
+    faster so on a Zen 4 VM). It starts on a huge-page boundary, the mapping being over-allocated
+    by one huge page (address space only: the pages never touched take no memory).
     """
     nbytes = max(round_up(nbytes), ALIGN)
     if pin:
         raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
         start = (-raw.data_ptr()) % ALIGN
         return raw[start : start + nbytes]
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+    huge = nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
+    m = mmap.mmap(-1, nbytes + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge:
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # THP compiled out or refused: ordinary pages
+            pass
+    raw = torch.frombuffer(m, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % HUGE_PAGE if huge else 0
+    return raw[start : start + nbytes]
 
 
 def _truncated(path: Path, what: str, offset: int, length: int) -> CheckpointError:

@@ -303,8 +303,9 @@ static void qrow_free(qrow *r) {
     free(r->q); free(r->d); free(r->sum); free(r->absq); free(r->neg); free(r->q4a); free(r->q4b); free(r->xs); free(r->d8); free(r->c8);
 }
 
-/* kind: 8 or 4 (which grouping and reordered forms to build). 0 on success. */
-static int qrow_make(qrow *r, const void *x, int x_kind, int64_t K, int kind, int vectorized) {
+/* kind: 8 or 4 (which grouping and reordered forms to build); signs: the int8 kernel's |q| and sign masks too (for
+ * grouped weights). 0 on success. */
+static int qrow_make(qrow *r, const void *x, int x_kind, int64_t K, int kind, int signs, int vectorized) {
     memset(r, 0, sizeof(*r));
     r->K = K;
     r->nb = K / 32;
@@ -314,10 +315,12 @@ static int qrow_make(qrow *r, const void *x, int x_kind, int64_t K, int kind, in
     if (kind == 8) {
         r->d8 = xalloc((size_t)nsc * 16 * 4);
         r->c8 = xalloc((size_t)nsc * 16 * 4);
+        if (!r->d8 || !r->c8) return -1;
+        quantize_row_lanes(x, x_kind, K, r->q, r->d8, r->c8, vectorized);
+        if (!signs) return 0;
         r->absq = xalloc((size_t)nsc * 512);
         r->neg = xalloc((size_t)nsc * 8 * 8);
-        if (!r->d8 || !r->c8 || !r->absq || !r->neg) return -1;
-        quantize_row_lanes(x, x_kind, K, r->q, r->d8, r->c8, vectorized);
+        if (!r->absq || !r->neg) return -1;
         for (int64_t i = 0; i < K; i++) {
             int8_t c = r->q[i];
             r->absq[i] = (uint8_t)(c < 0 ? -c : c);
@@ -681,7 +684,8 @@ static int xprep_make(xprep *p, const wdesc *w, const void *x, int x_kind, int v
         }
         return 0;
     }
-    return qrow_make(&p->q, x, x_kind, K, w->kind == W_INT8 ? 8 : 4, vectorized);
+    const int wide = w->G == K || w->G % 512 == 0;  /* dot_int8_row's two forms */
+    return qrow_make(&p->q, x, x_kind, K, w->kind == W_INT8 ? 8 : 4, w->kind == W_INT8 && !wide, vectorized);
 }
 
 static int wdesc_ok(const wdesc *w) {
@@ -855,6 +859,68 @@ static inline float silu_bf16(float g) {
     return bf16_f32(f32_bf16(g / (1.f + expf(-g))));
 }
 
+#ifdef MT_AVX512
+/* 16 floats rounded to bf16 (to nearest even, NaN kept quiet: f32_bf16) and back. */
+static inline __m512 rb16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* e^d in 16 lanes: d = q ln2 + s (q = rint(d / ln2), ln2 in two parts), e^s by its degree-7 Taylor-like
+ * polynomial, times 2^q in two halves; 0 below -104, inf above 100. The same steps as the vectorized exp torch's CPU
+ * kernels call (SLEEF's u10 expf), so silu here gives torch's bits (tests/test_native.py checks every bf16 input). */
+static inline __m512 exp16(__m512 d) {
+    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, _mm512_set1_ps(1.442695040888963407359924681001892137f)));
+    __m512 qf = _mm512_cvtepi32_ps(q);
+    __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
+    s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+    __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+    u = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+    __m512i q1 = _mm512_srai_epi32(q, 1), q2 = _mm512_sub_epi32(q, q1);
+    __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, _mm512_set1_epi32(127)), 23));
+    __m512 p2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, _mm512_set1_epi32(127)), 23));
+    u = _mm512_mul_ps(_mm512_mul_ps(u, p1), p2);
+    u = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_NLT_UQ), u);
+    return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.f), d, _CMP_LT_OQ), _mm512_set1_ps(INFINITY));
+}
+#endif
+
+/* a[c] = silu(g[c]) * up[c] for c < n, rounded where the unfused path rounds (round: bf16 weights), else in float32 */
+static void silu_mul(const float *g, const float *up, float *a, int64_t n, int round) {
+    int64_t c = 0;
+#ifdef MT_AVX512
+    if (round)
+        for (; c + 16 <= n; c += 16) {
+            __m512 gv = rb16(_mm512_loadu_ps(g + c));
+            __m512 ng = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gv), _mm512_set1_epi32((int)0x80000000u)));
+            __m512 sv = rb16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(ng))));
+            _mm512_storeu_ps(a + c, rb16(_mm512_mul_ps(sv, rb16(_mm512_loadu_ps(up + c)))));
+        }
+#endif
+    for (; c < n; c++) a[c] = round ? rb(silu_bf16(rb(g[c])) * rb(up[c])) : g[c] / (1.f + expf(-g[c])) * up[c];
+}
+
+/* out[i] = bf16(silu(g[i])) for n bf16 values, as the fused experts compute it (for tests) */
+void mt_silu_bf16(const uint16_t *g, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        float gf[16], one[16], a[16];
+        int64_t m = n - i < 16 ? n - i : 16;
+        for (int j = 0; j < 16; j++) gf[j] = j < m ? bf16_f32(g[i + j]) : 0.f, one[j] = 1.f;
+        silu_mul(gf, one, a, 16, 1);
+        for (int j = 0; j < m; j++) out[i + j] = f32_bf16(a[j]);
+    }
+}
+
 static int expert_ok(const expert *e, int64_t H, int64_t I2) {
     return wdesc_ok(&e->gate_up) && wdesc_ok(&e->down) && e->gate_up.K == H && e->gate_up.N == I2 &&
            e->down.K == I2 / 2 && e->down.N == H;
@@ -912,11 +978,7 @@ int mt_moe(const expert *ex, int U, const int32_t *slot, const float *weights, i
         }
         for (int64_t i = 0; i < n; i++) pe[i] = px[rows[i] / k];  /* shallow copies: px owns the buffers */
         dot_rows(&ex[u].gate_up, pe, n, h, nt, vectorized);
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t c = 0; c < I; c++) {
-                const float g = h[i * I2 + c], up = h[i * I2 + I + c];
-                a[i * I + c] = round ? rb(silu_bf16(rb(g)) * rb(up)) : g / (1.f + expf(-g)) * up;
-            }
+        for (int64_t i = 0; i < n; i++) silu_mul(h + i * I2, h + i * I2 + I, a + i * I, I, round);
         for (int64_t i = 0; i < n && !bad; i++) {
             xprep_free(&pa[i]);
             bad |= xprep_make(&pa[i], &ex[u].down, a + i * I, OUT_F32, vectorized);
