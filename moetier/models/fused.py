@@ -40,7 +40,8 @@ from ..kernels import native
 from ..kernels.linear import has_native, native_kind, native_rows
 from .decoder import DecoderLayer
 from .layers import Attention, RMSNorm
-from .moe import Experts, SoftmaxTopKRouter, SparseMoeBlock, fused_ok
+from . import moe  # moe.fused_ok looked up at each use, as tests patch it
+from .moe import Experts, SoftmaxTopKRouter, SparseMoeBlock
 from .prepack import DispatchedLinear
 
 ENV = "MOETIER_FUSED"
@@ -206,7 +207,7 @@ def _resident_experts(mlp: SparseMoeBlock, H: int):
         raise ValueError("offloaded experts or a shared expert")
     pairs = [experts.weights(e) for e in range(experts.num_experts)]
     probe = torch.empty(1, H, dtype=torch.bfloat16)
-    if not fused_ok(probe, pairs):
+    if not moe.fused_ok(probe, pairs):
         raise ValueError("an expert weight the native kernels do not read")
     arr = (native.Expert * len(pairs))(*[native.Expert(native.wdesc(gu), native.wdesc(dn)) for gu, dn in pairs])
     arr._keep = pairs  # the descriptors hold raw pointers
