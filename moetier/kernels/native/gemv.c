@@ -196,6 +196,45 @@ static inline __m512 load_x16(const void *x, int x_kind, int64_t i) {
     return x_kind == OUT_BF16 ? bf16x16((const uint16_t *)x + i) : _mm512_loadu_ps((const float *)x + i);
 }
 
+/* 16 floats rounded to bf16 (to nearest even, NaN kept quiet: f32_bf16) and back. */
+static inline __m512 rb16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* e^d in 16 lanes: d = q ln2 + s (q = rint(d / ln2), ln2 in two parts), e^s by its degree-7 Taylor-like
+ * polynomial, times 2^q in two halves; 0 below -104, inf above 100. The same steps as the vectorized exp torch's CPU
+ * kernels call (SLEEF's u10 expf), so silu here gives torch's bits (tests/test_native.py checks every bf16 input). */
+static inline __m512 exp16(__m512 d) {
+    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, _mm512_set1_ps(1.442695040888963407359924681001892137f)));
+    __m512 qf = _mm512_cvtepi32_ps(q);
+    __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
+    s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+    __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+    u = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+    __m512i q1 = _mm512_srai_epi32(q, 1), q2 = _mm512_sub_epi32(q, q1);
+    __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, _mm512_set1_epi32(127)), 23));
+    __m512 p2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, _mm512_set1_epi32(127)), 23));
+    u = _mm512_mul_ps(_mm512_mul_ps(u, p1), p2);
+    u = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_NLT_UQ), u);
+    return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.f), d, _CMP_LT_OQ), _mm512_set1_ps(INFINITY));
+}
+
+/* 16 floats as bf16 (f32_bf16 in each lane) */
+static inline __m256i to_bf16x16(__m512 v) {
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rb16(v)), 16));
+}
+
 /* Each element of v replaced by the max / sum of its aligned group of 4 (one lane group's inputs of one load). */
 static inline __m512 max4(__m512 v) {
     v = _mm512_max_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
@@ -678,7 +717,16 @@ static int xprep_make(xprep *p, const wdesc *w, const void *x, int x_kind, int v
         p->xb = xalloc((size_t)(K + 32) * 2);
         p->xf = xalloc((size_t)(K + 16) * 4);
         if (!p->xb || !p->xf) return -1;
-        for (int64_t i = 0; i < K; i++) {
+        int64_t i = 0;
+#ifdef MT_AVX512
+        for (; i + 16 <= K; i += 16) {
+            __m512 v = load_x16(x, x_kind, i);
+            _mm512_storeu_ps(p->xf + i, v);
+            _mm256_storeu_si256((__m256i *)(p->xb + i), x_kind == OUT_BF16
+                                ? _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i)) : to_bf16x16(v));
+        }
+#endif
+        for (; i < K; i++) {
             p->xf[i] = x_at(x, x_kind, i);
             p->xb[i] = x_kind == OUT_BF16 ? ((const uint16_t *)x)[i] : f32_bf16(p->xf[i]);
         }
@@ -725,6 +773,7 @@ static int kind_vectorized(int kind) {
 #ifdef MT_AVX512
     if (kind == W_BF16) return 1;
 #endif
+    (void)kind;
     return 0;
 }
 
@@ -859,42 +908,6 @@ static inline float silu_bf16(float g) {
     return bf16_f32(f32_bf16(g / (1.f + expf(-g))));
 }
 
-#ifdef MT_AVX512
-/* 16 floats rounded to bf16 (to nearest even, NaN kept quiet: f32_bf16) and back. */
-static inline __m512 rb16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                            _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
-    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
-}
-
-/* e^d in 16 lanes: d = q ln2 + s (q = rint(d / ln2), ln2 in two parts), e^s by its degree-7 Taylor-like
- * polynomial, times 2^q in two halves; 0 below -104, inf above 100. The same steps as the vectorized exp torch's CPU
- * kernels call (SLEEF's u10 expf), so silu here gives torch's bits (tests/test_native.py checks every bf16 input). */
-static inline __m512 exp16(__m512 d) {
-    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, _mm512_set1_ps(1.442695040888963407359924681001892137f)));
-    __m512 qf = _mm512_cvtepi32_ps(q);
-    __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
-    s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
-    __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
-    u = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
-    __m512i q1 = _mm512_srai_epi32(q, 1), q2 = _mm512_sub_epi32(q, q1);
-    __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, _mm512_set1_epi32(127)), 23));
-    __m512 p2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, _mm512_set1_epi32(127)), 23));
-    u = _mm512_mul_ps(_mm512_mul_ps(u, p1), p2);
-    u = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_NLT_UQ), u);
-    return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.f), d, _CMP_LT_OQ), _mm512_set1_ps(INFINITY));
-}
-#endif
-
 /* a[c] = silu(g[c]) * up[c] for c < n, rounded where the unfused path rounds (round: bf16 weights), else in float32 */
 static void silu_mul(const float *g, const float *up, float *a, int64_t n, int round) {
     int64_t c = 0;
@@ -985,16 +998,38 @@ int mt_moe(const expert *ex, int U, const int32_t *slot, const float *weights, i
         }
         if (bad) break;
         dot_rows(&ex[u].down, pa, n, y, nt, vectorized);
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t c = 0; c < H; c++) v[rows[i] * H + c] = round ? rb(y[i * H + c]) : y[i * H + c];
+        for (int64_t i = 0; i < n; i++) {
+            float *dst = v + rows[i] * H;
+            const float *src = y + i * H;
+            int64_t c = 0;
+#ifdef MT_AVX512
+            if (round)
+                for (; c + 16 <= H; c += 16) _mm512_storeu_ps(dst + c, rb16(_mm512_loadu_ps(src + c)));
+#endif
+            for (; c < H; c++) dst[c] = round ? rb(src[c]) : src[c];
+        }
     }
     if (!bad)
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t c = 0; c < H; c++) {
+        for (int64_t t = 0; t < T; t++) {
+            int64_t c = 0;
+#ifdef MT_AVX512
+            for (; c + 16 <= H; c += 16) {  /* products then sums, as the scalar loop (no fused multiply-add) */
+                __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(v + t * k * H + c), _mm512_set1_ps(weights[t * k]));
+                for (int j = 1; j < k; j++)
+                    sum = _mm512_add_ps(sum, _mm512_mul_ps(_mm512_loadu_ps(v + (t * k + j) * H + c),
+                                                           _mm512_set1_ps(weights[t * k + j])));
+                if (out_kind == OUT_BF16)
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + t * H + c), to_bf16x16(sum));
+                else
+                    _mm512_storeu_ps((float *)out + t * H + c, sum);
+            }
+#endif
+            for (; c < H; c++) {
                 float sum = v[t * k * H + c] * weights[t * k];
                 for (int j = 1; j < k; j++) sum = sum + v[(t * k + j) * H + c] * weights[t * k + j];
                 store_out(out, out_kind, t * H + c, sum);
             }
+        }
     for (int64_t t = 0; px && t < T; t++) xprep_free(&px[t]);
     for (int64_t i = 0; pa && i < most; i++) xprep_free(&pa[i]);
     free(px); free(pe); free(pa); free(start); free(order);
@@ -1031,17 +1066,32 @@ static void rms_norm_bf16(float *x, int64_t n, const uint16_t *w, float eps) {
     float ss = 0.f;
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
     float r = 1.f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) x[i] = rb(bf16_f32(w[i]) * rb(x[i] * r));
+    int64_t i = 0;
+#ifdef MT_AVX512
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(x + i, rb16(_mm512_mul_ps(bf16x16(w + i), rb16(_mm512_mul_ps(_mm512_loadu_ps(x + i),
+                                                                                    _mm512_set1_ps(r))))));
+#endif
+    for (; i < n; i++) x[i] = rb(bf16_f32(w[i]) * rb(x[i] * r));
 }
 
 /* the projections of M prepared inputs: y[m N + n] rounded to bf16 (+ bias, rounded again, as linear + bias) */
 static void project(const wdesc *w, const xprep *p, int64_t M, const uint16_t *bias, float *y, int threads) {
     dot_rows(w, p, M, y, threads_for(threads, w->N, w->K), 1);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t i = 0; i < w->N; i++) {
+    for (int64_t m = 0; m < M; m++) {
+        int64_t i = 0;
+#ifdef MT_AVX512
+        for (; i + 16 <= w->N; i += 16) {
+            float *v = y + m * w->N + i;
+            __m512 t = rb16(_mm512_loadu_ps(v));
+            _mm512_storeu_ps(v, bias ? rb16(_mm512_add_ps(t, bf16x16(bias + i))) : t);
+        }
+#endif
+        for (; i < w->N; i++) {
             float *v = y + m * w->N + i;
             *v = bias ? rb(rb(*v) + bf16_f32(bias[i])) : rb(*v);
         }
+    }
 }
 
 /* p[0..M) <- the rows x + m * K (float32) made ready for w's kind, kept when `made` (the weight they were made
@@ -1142,10 +1192,15 @@ int mt_attn(const attn_desc *a, int64_t B, uint16_t *x, const int64_t *pos, cons
                 s[t] = acc * a->scale;
                 mx = s[t] > mx ? s[t] : mx;
             }
-            for (int64_t t = 0; t < L; t++) {
-                s[t] = expf(s[t] - mx);
-                tot += s[t];
+#ifdef MT_AVX512
+            for (int64_t t = 0; t < L; t += 16) {
+                __mmask16 m = L - t >= 16 ? 0xffff : (__mmask16)((1u << (L - t)) - 1);
+                _mm512_mask_storeu_ps(s + t, m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), _mm512_set1_ps(mx))));
             }
+#else
+            for (int64_t t = 0; t < L; t++) s[t] = expf(s[t] - mx);
+#endif
+            for (int64_t t = 0; t < L; t++) tot += s[t];
             float *out = att + bh * d, inv = 1.f / tot;
             for (int64_t i = 0; i < d; i++) out[i] = 0.f;
             for (int64_t t = 0; t < L; t++) {
@@ -1164,7 +1219,12 @@ int mt_attn(const attn_desc *a, int64_t B, uint16_t *x, const int64_t *pos, cons
     }
     if (!bad) {
         project(&a->o, p, B, a->o_bias, o, threads);
-        for (int64_t i = 0; i < B * H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + o[i]);
+        int64_t i = 0;
+#ifdef MT_AVX512
+        for (; i + 16 <= B * H; i += 16)
+            _mm256_storeu_si256((__m256i *)(x + i), to_bf16x16(_mm512_add_ps(bf16x16(x + i), _mm512_loadu_ps(o + i))));
+#endif
+        for (; i < B * H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + o[i]);
     }
     for (int64_t b = 0; p && b < B; b++) xprep_free(&p[b]);
     free(p);
@@ -1268,8 +1328,12 @@ int mt_decode(const layer_desc *L, int nl, int64_t B, uint16_t *x, const int64_t
         if (bad) break;
         for (int64_t i = 0; i < B * d->top_k; i++) slot[i] = (int32_t)id[i];
         bad = mt_moe(d->experts, (int)d->router.N, slot, w, B, d->top_k, xn, OUT_BF16, out, OUT_BF16, threads, 1);
-        if (!bad)
-            for (int64_t i = 0; i < B * H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + bf16_f32(out[i]));
+        int64_t i = 0;
+#ifdef MT_AVX512
+        for (; !bad && i + 16 <= B * H; i += 16)
+            _mm256_storeu_si256((__m256i *)(x + i), to_bf16x16(_mm512_add_ps(bf16x16(x + i), bf16x16(out + i))));
+#endif
+        for (; !bad && i < B * H; i++) x[i] = f32_bf16(bf16_f32(x[i]) + bf16_f32(out[i]));
     }
     free(xn); free(out); free(w); free(id); free(slot);
     return bad ? -1 : 0;
