@@ -550,7 +550,16 @@ static inline __attribute__((always_inline)) void dot_int4_row(const uint8_t *w,
         int64_t npair = (nbk * 32 + G - 1) / G;  /* pairs it spans */
         const char *sr = (const char *)sz + p0 * (sk == SK_F32 ? 4 : 2);
         __m512 sc, ze;
-        if (G == 32) {
+        if (G == 32 && sk != SK_F32) {  /* 16-bit (scale, zero) pairs: one 32-bit lane each */
+            __m512i pz = _mm512_maskz_loadu_epi32(mb, sr);
+            if (sk == SK_BF16) {
+                sc = _mm512_castsi512_ps(_mm512_slli_epi32(pz, 16));
+                ze = _mm512_castsi512_ps(_mm512_and_si512(pz, _mm512_set1_epi32((int)0xffff0000u)));
+            } else {
+                sc = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(pz));
+                ze = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(pz, 16)));
+            }
+        } else if (G == 32) {
             int64_t nh = 2 * npair;
             __m512 a = load_scales16(sr, sk, 0, (__mmask16)(nh >= 16 ? 0xffff : (1u << nh) - 1));
             __m512 b = load_scales16(sr, sk, 16, (__mmask16)(nh > 16 ? (1u << (nh - 16)) - 1 : 0));
