@@ -57,11 +57,11 @@ def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
 
     Unpinned buffers are private anonymous mmaps (page aligned; the tensor keeps the mapping
     alive); pinned ones are over-allocated by ALIGN and sliced to an aligned start. A buffer of a
-    huge page or more asks for transparent huge pages (``MADV_HUGEPAGE``, before anything touches
-    it), where the kernel has them: the kernels read weights as long streams, and on 4 KiB pages
-    every page is a TLB miss and a stop for the hardware prefetchers (decode reads weights ~8 %
-    faster so on a Zen 4 VM). It starts on a huge-page boundary, the mapping being over-allocated
-    by one huge page (address space only: the pages never touched take no memory).
+    huge page or more starts on a huge-page boundary (the mapping over-allocated by one huge page:
+    address space only, the pages never touched take no memory) and asks for transparent huge pages
+    on its whole huge pages (``MADV_HUGEPAGE``, before anything touches it), where the kernel has
+    them: the kernels read weights as long streams, and on 4 KiB pages every page is a TLB miss
+    and a stop for the hardware prefetchers (decode reads weights ~8 % faster so on a Zen 4 VM).
     """
     nbytes = max(round_up(nbytes), ALIGN)
     if pin:
@@ -70,13 +70,13 @@ def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
         return raw[start : start + nbytes]
     huge = nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
     m = mmap.mmap(-1, nbytes + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if huge:
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # THP compiled out or refused: ordinary pages
-            pass
     raw = torch.frombuffer(m, dtype=torch.uint8)
     start = (-raw.data_ptr()) % HUGE_PAGE if huge else 0
+    if huge:
+        try:  # whole huge pages only: a short tail on huge pages would hold a mostly empty 2 MiB
+            m.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+        except OSError:  # THP compiled out or refused: ordinary pages
+            pass
     return raw[start : start + nbytes]
 
 
